@@ -1,0 +1,272 @@
+"""Typed experiment configuration.
+
+A preset YAML file is just a saved `ExperimentConfig`; every run writes the resolved one to
+`RUN_DIR/config.yaml`, so any run can be repeated from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class AugConfig:
+    """Training-time augmentation. Evaluation always uses resize + centre crop."""
+
+    random_crop: bool = False  # resize to `resize_size` (or img_size * 1.14) then RandomCrop(img_size)
+    random_resized_crop: bool = False  # timm/torchvision RandomResizedCrop(img_size, scale=(rrc_scale_min, 1))
+    rrc_scale_min: float = 0.25
+    hflip: bool = False
+    rotation: float = 0.0  # degrees, RandomRotation(±rotation)
+    color_jitter: float = 0.0  # brightness = contrast = saturation = this value
+    random_erasing: float = 0.0  # probability
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # a prepared dataset directory (manifest.csv + images/)
+    img_size: int = 224
+    resize_size: int | None = None  # shorter side before cropping; None → round(img_size / 0.875)
+    batch_size: int = 32
+    num_workers: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    crop_bbox: bool = False  # use the manifest's x1,y1,x2,y2 when present
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # any timm model name, or "scratch_cnn"
+    pretrained: bool = True  # ImageNet weights by download (or `weights` when given)
+    weights: str | None = None  # local weights file: .safetensors, or a state dict (.pt/.pth, loaded weights_only)
+    dropout: float = 0.0  # dropout before the classifier
+    embed_dim: int | None = None  # add a linear embedding head of this size (metric learning)
+    freeze: str = "none"  # "none" (fine-tune all) | "backbone" (head only)
+    # Progressive unfreezing: epoch → number of trailing backbone stages trainable (-1 = all).
+    unfreeze_schedule: dict[int, int] = field(default_factory=dict)
+    backbone_lr_mult: float = 1.0  # lr multiplier for backbone parameters (head keeps 1.0)
+    freeze_bn: bool = False  # keep BatchNorm layers in eval mode (metric-learning recipes)
+    # From-scratch CNN family (arch == "scratch_cnn").
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    batchnorm: bool = False
+    hidden_dim: int = 256  # width of the fully connected layer before the classifier (0 = none)
+    # Preprocessing; None = the backbone's own pretrained config (timm data config).
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"  # step | cosine | none
+    step_size: int = 7
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    loss: str = "cross_entropy"  # cross_entropy | proxy_anchor | multi_similarity | arcface
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    early_stop_patience: int | None = None
+    select_metric: str = "accuracy"  # val metric used to pick the best checkpoint
+    amp: bool = True  # autocast where the device supports it (bf16 on CUDA/CPU)
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    m_per_class: int = 4  # metric learning: samples per class in a batch
+    warmup_head_epochs: int = 0  # metric learning: train only head + proxies first
+    proxy_lr_mult: float = 100.0  # metric learning: proxies learn faster than the network
+    sync_bn: bool = False  # DDP: convert BatchNorm to SyncBatchNorm
+    log_every: int = 20  # steps between progress/TensorBoard updates
+
+
+@dataclass
+class RetrievalConfig:
+    k: int = 5
+    metric: str = "euclidean"  # euclidean | cosine
+    weighting: str = "majority"  # majority | distance
+    index_type: str = "Flat"  # any faiss index_factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 …
+    nprobe: int = 16
+    ef_search: int = 64
+    embed_source: str = "auto"  # auto (embedding head if the model has one) | features | embedding
+    gallery_split: str = "train"
+    query_split: str = "test"
+    batch_size: int = 64
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "custom"
+    description: str = ""
+    task: str = "classification"  # classification | knn | metric
+    reference: dict[str, float] = field(default_factory=dict)  # published numbers this preset reproduces
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+
+# Short CLI names for the fields people override most (`--epochs 2` == `--set train.epochs=2`).
+ALIASES: dict[str, str] = {
+    "epochs": "train.epochs",
+    "img_size": "data.img_size",
+    "resize_size": "data.resize_size",
+    "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers",
+    "backbone": "model.arch",
+    "arch": "model.arch",
+    "weights": "model.weights",
+    "pretrained": "model.pretrained",
+    "lr": "optim.lr",
+    "device": "train.device",
+    "seed": "train.seed",
+    "k": "retrieval.k",
+    "metric": "retrieval.metric",
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or a value of the wrong type."""
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn YAML/CLI values into the annotated type, with an error that names the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{where}: expected a string, got null")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build a (nested) dataclass from a mapping; unknown keys are an error, missing keys take defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(ExperimentConfig, data, where=str(path))
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        from carspotter.utils import atomic_write_text
+
+        atomic_write_text(Path(path), text)
+    return text
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Return a copy with dotted-key overrides (`train.epochs`, or an alias like `epochs`) applied."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        dotted = ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        parts = dotted.split(".")
+        node = data
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"override {key!r}: no section {p!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key!r}: unknown field {dotted!r}")
+        if isinstance(value, str) and value.strip().startswith(("[", "{")):
+            value = yaml.safe_load(value)
+        node[parts[-1]] = value
+    return from_dict(ExperimentConfig, data)
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "model.dropout=0.5"]` → a dict of overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else v
+    return out

@@ -1,0 +1,47 @@
+"""The from-scratch CNN family of the reference study: n × [conv3x3 → (BN) → ReLU → MaxPool], then FC."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ScratchBackbone(nn.Module):
+    """Conv blocks → 4×4 adaptive average pool → flatten → FC(hidden) → ReLU. `num_features` = hidden width."""
+
+    def __init__(self, channels: list[int], batchnorm: bool = False, hidden_dim: int = 256) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1, bias=not batchnorm)]
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(c))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            blocks.append(nn.Sequential(*layers))
+            c_in = c
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        flat = c_in * 16
+        if hidden_dim:
+            self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden_dim), nn.ReLU(inplace=True))
+            self.num_features = hidden_dim
+        else:
+            self.fc = nn.Flatten()
+            self.num_features = flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)  # (B, C, H / 2^n, W / 2^n)
+        return self.fc(self.pool(x))  # (B, F)
+
+
+def he_init(m: nn.Module) -> None:
+    """He (Kaiming) initialisation for ReLU networks, as in the reference study."""
+    if isinstance(m, nn.Conv2d | nn.Linear):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                                nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

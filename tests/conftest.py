@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny prepared datasets generated on the fly (no network, no ../shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carspotter.data.manifest import Record, write_manifest
+
+
+def make_tiny_prepared(root: Path, n_classes: int = 4, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """A learnable toy prepared dataset: each class is a distinct coloured stripe pattern plus noise.
+
+    Splits per class: half train, a quarter val, a quarter test.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    records = []
+    for c in range(n_classes):
+        base = rng.integers(0, 256, size=3)
+        for i in range(per_class):
+            arr = rng.normal(0, 20, size=(size, size, 3)) + base
+            period = 2 + c
+            arr[:, ::period] += 80
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+            rel = f"images/c{c}_{i:03d}.jpg"
+            img.save(root / rel, quality=95)
+            split = "train" if i < per_class // 2 else ("val" if i < 3 * per_class // 4 else "test")
+            records.append(Record(rel, c, f"Class {c}", split))
+    write_manifest(root, records)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_prepared(tmp_path_factory.mktemp("tiny") / "prepared")
