@@ -1,9 +1,64 @@
-"""CLI commands (placeholder until this concern's commands land)."""
+"""`carspotter serve`: the web page and JSON API over a trained run (and optionally a gallery index)."""
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
+
 import typer
+
+from carspotter.cli.common import friendly_errors
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@friendly_errors
+def serve(
+    run_dir: Path = typer.Argument(..., help="A run directory (model.json + best.safetensors)."),
+    index: Path | None = typer.Option(None, "--index", help="A gallery index dir (from `carspotter index`)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Interface to bind; the default is reachable from this machine only."
+    ),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    max_upload_mb: float = typer.Option(
+        10.0, "--max-upload-mb", min=0.01, help="Largest accepted photo (MB)."
+    ),
+    device: str = typer.Option("cpu", help="cpu | cuda | mps | auto."),
+    max_batch: int = typer.Option(
+        8, "--max-batch", min=1, max=256, help="Most requests grouped in one forward."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
+    import uvicorn
+
+    from carspotter.serve.app import create_app
+    from carspotter.utils import resolve_device
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if index is not None and not index.is_dir():
+        raise FileNotFoundError(f"--index {index}: no such index directory")
+    if not _is_loopback(host):
+        typer.echo(f"warning: binding {host} makes the service reachable from other machines", err=True)
+    app = create_app(
+        run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
+    )
+    typer.echo(
+        f"carspotter: serving {run_dir}"
+        + (f" with index {index}" if index else "")
+        + f" on http://{host}:{port}/"
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the main app."""
+    """Add `serve` to the main app."""
+    app.command("serve")(serve)

@@ -41,7 +41,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes | Path | str, source: str = "", allowed_formats: tuple[str, ...] | None = None) -> Image.Image:
+def decode(
+    data: bytes | Path | str, source: str = "", allowed_formats: tuple[str, ...] | None = None
+) -> Image.Image:
     """Decode fully (so truncation shows up now) and return an RGB image, or raise ImageError."""
     name = source or (str(data) if not isinstance(data, bytes) else "<bytes>")
     if isinstance(data, bytes):
@@ -61,7 +63,9 @@ def decode(data: bytes | Path | str, source: str = "", allowed_formats: tuple[st
             with Image.open(fp) as img:
                 fmt = img.format or ""
                 if allowed_formats is not None and fmt.upper() not in allowed_formats:
-                    raise ImageError(name, "unsupported format", f"{fmt or 'unknown'}; allowed: {allowed_formats}")
+                    raise ImageError(
+                        name, "unsupported format", f"{fmt or 'unknown'}; allowed: {allowed_formats}"
+                    )
                 img.load()
                 return to_rgb(img)
     except ImageError:
@@ -74,7 +78,9 @@ def decode(data: bytes | Path | str, source: str = "", allowed_formats: tuple[st
         raise ImageError(name, "unreadable", e.strerror or str(e)) from None
     except OSError as e:
         msg = str(e)
-        reason = "truncated image" if "truncated" in msg.lower() or "premature" in msg.lower() else "corrupt image"
+        reason = (
+            "truncated image" if "truncated" in msg.lower() or "premature" in msg.lower() else "corrupt image"
+        )
         raise ImageError(name, reason, msg) from None
     except (ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
         raise ImageError(name, "corrupt image", str(e)) from None

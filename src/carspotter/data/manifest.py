@@ -113,7 +113,9 @@ def class_names(records: list[Record]) -> list[str]:
     names: dict[int, str] = {}
     for r in records:
         if names.setdefault(r.label, r.class_name) != r.class_name:
-            raise ManifestError(f"label {r.label} has two class names: {names[r.label]!r} and {r.class_name!r}")
+            raise ManifestError(
+                f"label {r.label} has two class names: {names[r.label]!r} and {r.class_name!r}"
+            )
     n = max(names) + 1
     if sorted(names) != list(range(n)):
         raise ManifestError(f"labels are not contiguous 0..{n - 1}")

@@ -1,0 +1,168 @@
+"""Evaluate a run directory: metrics (scikit-learn), per-image predictions, and inference speed.
+
+Speed is timed around the forward pass only (decoding and resizing excluded), so images/s compares models,
+not disks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
+
+from carspotter.config import DataConfig
+from carspotter.engine.checkpoint import RunError, load_run, read_run_config
+from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
+
+PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs"]
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None = None, loss: float | None = None
+) -> dict[str, float | None]:
+    """accuracy, top-5 accuracy, and macro F1/precision/recall over the classes present in `y_true`."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.unique(y_true)
+    out: dict[str, float | None] = {
+        "loss": None if loss is None else float(loss),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "top5_accuracy": None,
+        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "precision_macro": float(
+            precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
+        "recall_macro": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+    }
+    if probs is not None:
+        n_classes = probs.shape[1]
+        if n_classes <= 5:
+            out["top5_accuracy"] = 1.0
+        else:
+            out["top5_accuracy"] = float(
+                top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(n_classes))
+            )
+    return out
+
+
+def eval_transform(img_size: int, resize_size: int | None, mean: Any, std: Any) -> Any:
+    from carspotter.data.transforms import build_transform
+
+    return build_transform(DataConfig(img_size=img_size, resize_size=resize_size), mean, std, train=False)
+
+
+def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
+    k = min(5, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PRED_COLUMNS)
+    for i, path in enumerate(paths):
+        t = top[i]
+        w.writerow(
+            [
+                path,
+                int(labels[i]),
+                int(t[0]),
+                f"{probs[i, t[0]]:.6f}",
+                ";".join(str(int(c)) for c in t),
+                ";".join(f"{probs[i, c]:.6f}" for c in t),
+            ]
+        )
+    return buf.getvalue()
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test)."""
+    from carspotter.data.dataset import PreparedDataset
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    dev = torch.device(resolve_device(device))
+    model, info = load_run(run_dir, str(dev))
+    data_dir = Path(data_dir or cfg.data.root)
+    p = info.preprocess
+    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"])
+    ds = PreparedDataset(data_dir, split, transform=tf, crop_bbox=cfg.data.crop_bbox)
+    if ds.class_names != info.class_names:
+        raise RunError(
+            f"{data_dir}: its {len(ds.class_names)} classes differ from the {len(info.class_names)} "
+            f"the run {run_dir} was trained on"
+        )
+    if len(ds) == 0:
+        raise RunError(f"{data_dir}: split {split!r} has no images")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size or cfg.data.batch_size, num_workers=cfg.data.num_workers
+    )
+    if dev.type == "cpu" or cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    outputs, seconds = [], 0.0
+    metric_task = cfg.task == "metric"
+    with torch.inference_mode():
+        for x, _ in loader:
+            x = x.to(dev, memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            out = model.embed(x) if metric_task else model(x)  # (B, D) or (B, C)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            outputs.append(out.float().cpu())
+    out = torch.cat(outputs)
+    labels = np.asarray(ds.labels)
+    speed = {
+        "predict_time_s": seconds,
+        "images_per_s": len(ds) / seconds if seconds > 0 else None,
+        "n_images": len(ds),
+        "split": split,
+    }
+    suffix = "" if split == "test" else f"_{split}"
+    if metric_task:
+        from carspotter.retrieval.metrics import retrieval_metrics
+
+        metrics = {**retrieval_metrics(out.numpy(), labels, metric=cfg.retrieval.metric), **speed}
+    else:
+        loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(labels)).item()
+        probs = out.softmax(dim=1).numpy()
+        metrics = {**classification_metrics(labels, probs.argmax(1), probs, loss), **speed}
+        atomic_write_text(run_dir / f"predictions{suffix}.csv", _predictions_csv(ds.paths, labels, probs))
+    metrics["device"] = str(dev)
+    atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
+    return metrics
+
+
+def predict_images(
+    run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Top-k classes per image: [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
+    from carspotter.data.images import open_rgb
+
+    model, info = load_run(run_dir, device)
+    if info.num_classes <= 0:
+        raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
+    p = info.preprocess
+    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"])
+    x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
+    with torch.inference_mode():
+        probs = model(x).float().softmax(dim=1).cpu()  # (N, C)
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [
+        {
+            "path": str(path),
+            "top": [
+                {"label": int(c), "class_name": info.class_names[int(c)], "prob": float(pr)}
+                for pr, c in zip(top.values[i], top.indices[i], strict=True)
+            ],
+        }
+        for i, path in enumerate(paths)
+    ]

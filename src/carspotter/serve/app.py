@@ -1,0 +1,241 @@
+"""The web service: one self-contained page and a small JSON API over a trained run (+ a gallery index).
+
+`create_app` loads the model and the index once and keeps them in `app.state` (no module globals).
+Untrusted input never reaches the filesystem: uploads are decoded from memory, and gallery photos are
+addressed by integer id only, their paths taken from the index's own metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from carspotter.serve.inference import Busy, Predictor
+from carspotter.serve.uploads import BodyLimitMiddleware, UploadLimits, load_upload, too_large_detail
+
+K_MAX = 50
+THUMB_SIZE = 256
+PAGE_CSP = (
+    "default-src 'none'; img-src 'self' blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
+
+router = APIRouter()
+KQuery = Annotated[int | None, Query(alias="k", ge=1, le=K_MAX, description=f"how many results (1..{K_MAX})")]
+KForm = Annotated[int | None, Form(alias="k", ge=1, le=K_MAX, description="the same, as a form field")]
+Upload = Annotated[UploadFile, File(description="the photo: JPEG, PNG or WebP")]
+
+
+class Service:
+    """Everything one app instance holds: the predictor, limits, the page, a thumbnail cache."""
+
+    def __init__(self, predictor: Predictor, limits: UploadLimits) -> None:
+        self.predictor = predictor
+        self.limits = limits
+        self.started = time.time()
+        self.page = resources.files("carspotter.serve").joinpath("templates/index.html").read_text("utf-8")
+        self.thumbnail = lru_cache(maxsize=2048)(self._make_thumbnail)
+
+    def gallery_path(self, item_id: int) -> Path:
+        index = self.predictor.index
+        if index is None:
+            raise HTTPException(404, "this server has no gallery index (start it with --index INDEX_DIR)")
+        if not 0 <= item_id < len(index.meta):
+            raise HTTPException(404, f"no gallery image {item_id}; ids run 0..{len(index.meta) - 1}")
+        root = Path(index.info.get("data_root") or "").resolve()
+        path = (root / str(index.meta[item_id]["path"])).resolve()
+        if not path.is_relative_to(root):  # a tampered meta.csv must not expose other files
+            raise HTTPException(404, f"gallery image {item_id} lies outside the gallery folder")
+        if not path.is_file():
+            raise HTTPException(404, f"gallery image {item_id} is missing on the server")
+        return path
+
+    def _make_thumbnail(self, item_id: int) -> bytes:
+        from carspotter.data.images import ImageError, open_rgb
+
+        path = self.gallery_path(item_id)
+        try:
+            img = open_rgb(path)
+        except ImageError as e:
+            raise HTTPException(404, f"gallery image {item_id} cannot be read ({e.reason})") from None
+        img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _read_image(request: Request, file: UploadFile):  # -> PIL.Image.Image
+    svc = _service(request)
+    data = await file.read(svc.limits.max_bytes + 1)  # never more than the limit + 1 byte in memory
+    return await run_in_threadpool(load_upload, data, svc.limits)
+
+
+async def _infer(request: Request, kind: str, image: Any, k: int) -> list[dict[str, Any]]:
+    try:
+        fut = _service(request).predictor.batcher.submit(kind, image, k)
+    except Busy as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+    return await asyncio.wrap_future(fut)
+
+
+@router.get("/", include_in_schema=False)
+def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(_service(request).page, headers={"Content-Security-Policy": PAGE_CSP, **NOSNIFF})
+
+
+@router.get("/api/health", summary="Liveness and what is loaded")
+def health(request: Request) -> dict[str, Any]:
+    svc = _service(request)
+    p = svc.predictor
+    index = None
+    if p.index is not None:
+        index = {k: p.index.info.get(k) for k in ("metric", "index_type", "dim")} | {
+            "size": len(p.index.meta)
+        }
+    return {
+        "status": "ok",
+        "model": p.info.model.get("arch"),
+        "num_classes": len(p.class_names),
+        "img_size": p.info.preprocess.get("img_size"),
+        "device": p.device,
+        "index": index,
+        "max_upload_mb": svc.limits.max_mb,
+        "max_batch": p.batcher.max_batch,
+        "batches_run": p.batcher.batches,
+        "images_inferred": p.batcher.jobs,
+        "uptime_s": round(time.time() - svc.started, 1),
+    }
+
+
+@router.get("/api/classes", summary="The class names, in label order")
+def classes(request: Request) -> dict[str, Any]:
+    p = _service(request).predictor
+    counts = [0] * len(p.class_names)
+    for m in p.index.meta if p.index is not None else []:
+        if 0 <= int(m["label"]) < len(counts):
+            counts[int(m["label"])] += 1
+    return {
+        "classes": [{"id": i, "name": n, "gallery_count": counts[i]} for i, n in enumerate(p.class_names)]
+    }
+
+
+@router.post("/api/classify", summary="Top-k classes for a photo")
+async def classify(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
+    k = min(k or k_form or 5, len(_service(request).predictor.class_names))
+    image = await _read_image(request, file)
+    t0 = time.perf_counter()
+    preds = await _infer(request, "classify", image, k)
+    return {"predictions": preds, "k": k, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+
+@router.post("/api/search", summary="The k most similar gallery photos")
+async def search(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
+    p = _service(request).predictor
+    if p.index is None:
+        raise HTTPException(
+            409, "this server has no gallery index; start it with --index INDEX_DIR to search"
+        )
+    k = k or k_form or 8
+    image = await _read_image(request, file)
+    t0 = time.perf_counter()
+    hits = await _infer(request, "search", image, k)
+    return {
+        "results": hits,
+        "k": k,
+        "metric": p.index.info.get("metric"),
+        "time_ms": round(1000 * (time.perf_counter() - t0), 2),
+    }
+
+
+@router.get(
+    "/api/gallery/{item_id}",
+    summary="A gallery photo's thumbnail, by its id in the index",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+def gallery(request: Request, item_id: int) -> Response:
+    data = _service(request).thumbnail(item_id)
+    return Response(
+        data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600", **NOSNIFF}
+    )
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+        name = ".".join(loc) or "request"
+        if name == "file" and err.get("type") == "missing":
+            return "no photo: send it as multipart/form-data in the field 'file'"
+        parts.append(f"{name}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON `{"detail": "..."}`; bad input is a 4xx, never a 5xx."""
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _validation_detail(exc)
+        status = 400 if detail.startswith("no photo") else 422
+        return JSONResponse({"detail": detail}, status)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+
+
+def create_app(
+    run_dir: str | Path,
+    index_dir: str | Path | None = None,
+    *,
+    max_upload_mb: float = 10,
+    device: str = "cpu",
+    max_batch: int = 8,
+    max_pixels: int = 40_000_000,
+) -> FastAPI:
+    """Load the run's model (and the gallery index) now, and return the ASGI app serving them."""
+    if max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        predictor.close()
+
+    from carspotter import __version__
+
+    app = FastAPI(
+        title="carspotter",
+        version=__version__,
+        description="Fine-grained car classification and look-alike search (Stanford Cars).",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, detail=too_large_detail(limits))
+    app.state.service = Service(predictor, limits)
+    _install_error_handlers(app)
+    app.include_router(router)
+    return app
