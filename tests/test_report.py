@@ -1,4 +1,4 @@
-"""The report renders from hand-made run dirs (documented file formats only) and shows "—" for missing pieces."""
+"""The report renders from hand-made run dirs (documented file formats only); missing pieces show "—"."""
 
 from __future__ import annotations
 
@@ -36,18 +36,37 @@ def make_run(
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    cfg = apply_overrides(ExperimentConfig(name=name, description=f"{name} description", task=task),
-                          {"model.arch": arch, "epochs": epochs, **(overrides or {})})
+    cfg = apply_overrides(
+        ExperimentConfig(name=name, description=f"{name} description", task=task),
+        {"model.arch": arch, "epochs": epochs, **(overrides or {})},
+    )
     cfg.reference = reference or {}
     dump_config(cfg, run / "config.yaml")
-    (run / "model.json").write_text(json.dumps({
-        "model": {"arch": arch}, "num_classes": len(CLASSES), "class_names": CLASSES,
-        "preprocess": {"img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}, "resize_size": None,
-    }))
+    (run / "model.json").write_text(
+        json.dumps(
+            {
+                "model": {"arch": arch},
+                "num_classes": len(CLASSES),
+                "class_names": CLASSES,
+                "preprocess": {"img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+                "resize_size": None,
+            }
+        )
+    )
     with (run / "metrics.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
-                    "epoch_time_s"])
+        w.writerow(
+            [
+                "epoch",
+                "lr",
+                "train_loss",
+                "train_accuracy",
+                "val_loss",
+                "val_accuracy",
+                "val_f1_macro",
+                "epoch_time_s",
+            ]
+        )
         for e in range(1, epochs + 1):
             w.writerow([e, 0.001, 2.0 / e, 0.2 * e, 2.2 / e, 0.18 * e, 0.15 * e, 1.5])
     if metrics is not None:
@@ -64,9 +83,18 @@ def make_run(
 
 
 def _metrics(acc: float, loss: float = 0.8771, t: float = 2.5) -> dict:
-    return {"loss": loss, "accuracy": acc, "top5_accuracy": 0.99, "f1_macro": acc - 0.01,
-            "precision_macro": acc - 0.02, "recall_macro": acc - 0.03, "predict_time_s": t,
-            "images_per_s": 40 / t, "n_images": 40, "split": "test"}
+    return {
+        "loss": loss,
+        "accuracy": acc,
+        "top5_accuracy": 0.99,
+        "f1_macro": acc - 0.01,
+        "precision_macro": acc - 0.02,
+        "recall_macro": acc - 0.03,
+        "predict_time_s": t,
+        "images_per_s": 40 / t,
+        "n_images": 40,
+        "split": "test",
+    }
 
 
 # (true, pred): class 0 is mistaken for class 1 three times, class 2 for class 3 once.
@@ -76,38 +104,83 @@ PREDS = [(0, 0)] * 7 + [(0, 1)] * 3 + [(1, 1)] * 10 + [(2, 2)] * 9 + [(2, 3)] + 
 @pytest.fixture()
 def runs(tmp_path: Path) -> list[Path]:
     return [
-        make_run(tmp_path, "seed-t2", reference={"accuracy": 73.8}, metrics=_metrics(0.6123), preds=PREDS,
-                 knn=_metrics(0.5432, loss=1.5, t=0.75) | {"k": 5, "metric": "euclidean"},
-                 overrides={"pretrained": False}),
-        make_run(tmp_path, "seed-r3", task="knn", reference={"accuracy": 0.734}, metrics=_metrics(0.4444),
-                 overrides={"retrieval.k": 7, "retrieval.metric": "cosine"}),
-        make_run(tmp_path, "seed-s3", arch="scratch_cnn", reference={"accuracy": 72.3}, metrics=_metrics(0.3217)),
-        make_run(tmp_path, "seed-s1", arch="scratch_cnn", reference={"accuracy": 8.9}, metrics=None, epochs=2),
-        make_run(tmp_path, "strong-metric", task="metric", metrics={"recall_at_1": 0.8111, "recall_at_2": 0.85,
-                 "recall_at_4": 0.9, "recall_at_8": 0.95, "map_at_r": 0.4321}),
+        make_run(
+            tmp_path,
+            "seed-t2",
+            reference={"accuracy": 73.8},
+            metrics=_metrics(0.6123),
+            preds=PREDS,
+            knn=_metrics(0.5432, loss=1.5, t=0.75) | {"k": 5, "metric": "euclidean"},
+            overrides={"pretrained": False},
+        ),
+        make_run(
+            tmp_path,
+            "seed-r3",
+            task="knn",
+            reference={"accuracy": 0.734},
+            metrics=_metrics(0.4444),
+            overrides={"retrieval.k": 7, "retrieval.metric": "cosine"},
+        ),
+        make_run(
+            tmp_path, "seed-s3", arch="scratch_cnn", reference={"accuracy": 72.3}, metrics=_metrics(0.3217)
+        ),
+        make_run(
+            tmp_path, "seed-s1", arch="scratch_cnn", reference={"accuracy": 8.9}, metrics=None, epochs=2
+        ),
+        make_run(
+            tmp_path,
+            "strong-metric",
+            task="metric",
+            metrics={
+                "recall_at_1": 0.8111,
+                "recall_at_2": 0.85,
+                "recall_at_4": 0.9,
+                "recall_at_8": 0.95,
+                "map_at_r": 0.4321,
+            },
+        ),
     ]
 
 
 def _tables(html: str) -> dict[str, str]:
     """h3 title → the table html that follows it."""
-    return {htmllib.unescape(m.group(1)): m.group(2)
-            for m in re.finditer(r"<h[23]>([^<]*)</h[23]>\s*<table>(.*?)</table>", html, re.S)}
+    return {
+        htmllib.unescape(m.group(1)): m.group(2)
+        for m in re.finditer(r"<h[23]>([^<]*)</h[23]>\s*<table>(.*?)</table>", html, re.S)
+    }
 
 
 def test_report_html_holds_every_table_number_and_image(runs: list[Path], tmp_path: Path) -> None:
     out = build_report(runs, tmp_path / "report")
     html = out.read_text()
     tables = _tables(html)
-    for title in ["Transfer learning", "Retrieval (kNN)", "From scratch", "Metric learning / retrieval quality",
-                  "Hyperparameters", "Most-confused class pairs (seed-t2)"]:
+    for title in [
+        "Transfer learning",
+        "Retrieval (kNN)",
+        "From scratch",
+        "Metric learning / retrieval quality",
+        "Hyperparameters",
+        "Most-confused class pairs (seed-t2)",
+    ]:
         assert title in tables, title
-    header = ("Experiment", "Model Description", "Loss", "Accuracy", "F1 Score", "Precision", "Recall",
-              "Predict Time", "Reference accuracy")
+    header = (
+        "Experiment",
+        "Model Description",
+        "Loss",
+        "Accuracy",
+        "F1 Score",
+        "Precision",
+        "Recall",
+        "Predict Time",
+        "Reference accuracy",
+    )
     for title in ["Transfer learning", "Retrieval (kNN)", "From scratch"]:
         ths = re.findall(r"<th>(.*?)</th>", tables[title])
         assert tuple(ths) == header
     tl = tables["Transfer learning"]
-    assert all(s in tl for s in ["seed-t2", "0.877", "61.2 %", "60.2 %", "59.2 %", "58.2 %", "2.50 s", "73.8 %"])
+    assert all(
+        s in tl for s in ["seed-t2", "0.877", "61.2 %", "60.2 %", "59.2 %", "58.2 %", "2.50 s", "73.8 %"]
+    )
     knn = tables["Retrieval (kNN)"]
     assert "seed-t2 + kNN (k=5, euclidean)" in knn and "54.3 %" in knn and "1.500" in knn
     assert "seed-r3" in knn and "44.4 %" in knn and "73.4 %" in knn  # fraction reference shown as percent

@@ -13,7 +13,9 @@ from carspotter.cli.common import friendly_errors
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories (from `carspotter train`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory: report.html, report.md and PNGs."),
-    index: list[Path] = typer.Option([], "--index", help="Index directory for retrieval examples (repeatable)."),
+    index: list[Path] = typer.Option(
+        [], "--index", help="Index directory for retrieval examples (repeatable)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
 ) -> None:
     """Write the experiment report: results tables in the reference layout, hyperparameters, curves,
@@ -31,21 +33,39 @@ def report(
 @friendly_errors
 def demo(
     out: Path = typer.Option(Path("carspotter-demo"), "--out", "-o", help="Output directory for everything."),
-    data: Path | None = typer.Option(None, "--data", help="A prepared dataset; default: generate a synthetic one."),
-    weights: Path | None = typer.Option(
-        None, "--weights", help="ImageNet weights for the transfer backbone (e.g. tf_efficientnet_lite0 .safetensors)."
+    data: Path | None = typer.Option(
+        None, "--data", help="A prepared dataset; default: generate a synthetic one."
     ),
-    backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm backbone for transfer/kNN runs."),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="ImageNet weights for the transfer backbone (e.g. tf_efficientnet_lite0 .safetensors).",
+    ),
+    backbone: str = typer.Option(
+        "tf_efficientnet_lite0", "--backbone", help="timm backbone for transfer/kNN runs."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing demo directory."),
-    budget_s: float = typer.Option(180.0, "--budget-s", help="Time budget in seconds; epochs are scaled to fit."),
-    scale: str = typer.Option("default", "--scale", help="default | tiny (a smoke test) | full (preset epochs)."),
+    budget_s: float = typer.Option(
+        180.0, "--budget-s", help="Time budget in seconds; epochs are scaled to fit."
+    ),
+    scale: str = typer.Option(
+        "default", "--scale", help="default | tiny (a smoke test) | full (preset epochs)."
+    ),
 ) -> None:
-    """Run scaled-down versions of all nine reference experiments plus a strong recipe, build the gallery index
-    and the report, and print how to serve the best model."""
+    """Run scaled-down versions of all nine reference experiments plus a strong recipe, build the
+    gallery index and the report, and print how to serve the best model."""
     from carspotter.demo import run_demo
 
-    run_demo(out, data=data, weights=weights, backbone=backbone, overwrite=overwrite, budget_s=budget_s,
-             scale=scale, echo=typer.echo)
+    run_demo(
+        out,
+        data=data,
+        weights=weights,
+        backbone=backbone,
+        overwrite=overwrite,
+        budget_s=budget_s,
+        scale=scale,
+        echo=typer.echo,
+    )
 
 
 def register(app: typer.Typer) -> None:

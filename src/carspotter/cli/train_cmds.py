@@ -1,9 +1,190 @@
-"""CLI commands (placeholder until this concern's commands land)."""
+"""`carspotter train | evaluate | predict | presets`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from carspotter.cli.common import friendly_errors
+
+
+def _table(title: str, rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for h in headers:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    Console().print(t)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "—" if v is None else str(v)
+
+
+def _relaunch(nproc: int) -> int:
+    """Re-run this very command under torch.distributed.run with `nproc` processes (minus `--nproc`)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.call([*cmd, "-m", "carspotter", *args])
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def train(
+    preset: str | None = typer.Option(None, "--preset", help="A preset name (see `carspotter presets`)."),
+    config: Path | None = typer.Option(None, "--config", help="An ExperimentConfig YAML file."),
+    data: Path | None = typer.Option(None, "--data", help="A prepared dataset directory."),
+    out: Path = typer.Option(..., "--out", help="The run directory to create (or --resume)."),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    img_size: int | None = typer.Option(None, "--img-size"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per process."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Any timm model name, or scratch_cnn."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Local backbone weights (.safetensors / .pt)."
+    ),
+    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained"),
+    lr: float | None = typer.Option(None, "--lr"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: int | None = typer.Option(None, "--seed"),
+    num_workers: int | None = typer.Option(None, "--num-workers"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE config override, e.g. optim.name=sgd (repeatable)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    nproc: int = typer.Option(1, "--nproc", help="Train data-parallel with N processes (torchrun)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a classifier (or metric-learning model) from a preset or config file."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_relaunch(nproc))
+    from carspotter.config import apply_overrides, load_config, parse_set_args
+    from carspotter.engine.checkpoint import CONFIG, read_run_config
+    from carspotter.presets import load_preset
+
+    if preset and config:
+        raise ValueError("give either --preset or --config, not both")
+    if preset:
+        cfg = load_preset(preset)
+    elif config:
+        cfg = load_config(config)
+    elif resume and (out / CONFIG).is_file():
+        cfg = read_run_config(out)
+    else:
+        raise ValueError("give --preset NAME (see `carspotter presets`) or --config FILE")
+    given = {
+        "epochs": epochs,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "backbone": backbone,
+        "weights": str(weights.resolve()) if weights else None,
+        "pretrained": pretrained,
+        "lr": lr,
+        "device": device,
+        "seed": seed,
+        "num_workers": num_workers,
+    }
+    cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
+    cfg = apply_overrides(cfg, parse_set_args(set_))
+    data_dir = data or (Path(cfg.data.root) if cfg.data.root else None)
+    if data_dir is None:
+        raise ValueError("give --data PREPARED_DIR (make one with `carspotter data prepare`)")
+
+    from carspotter.engine.train import fit
+
+    summary = fit(cfg, data_dir, out, resume=resume, overwrite=overwrite, progress=progress)
+    if _is_main_rank():
+        last = summary["last"]
+        rows = [
+            ("run", summary["run_dir"]),
+            ("epochs", summary["epochs_completed"]),
+            (f"best epoch (by {summary['select_metric']})", summary["best_epoch"]),
+            ("best value", summary["best_value"]),
+            *[(k, v) for k, v in last.items() if k.startswith(("train_", "val_"))],
+            ("wall time (s)", summary["wall_time_s"]),
+        ]
+        _table("training done", rows, ("", "value"))
+        typer.echo(f"next: carspotter evaluate {summary['run_dir']}")
+
+
+def evaluate(
+    path: Path = typer.Argument(..., help="A run directory, or an index directory (holding index.faiss)."),
+    data: Path | None = typer.Option(None, "--data", help="Prepared dataset (default: the run's own)."),
+    split: str = typer.Option("test", "--split"),
+    knn: int | None = typer.Option(
+        None, "--knn", help="kNN-classify with K neighbours among train embeddings."
+    ),
+    metric: str = typer.Option("euclidean", "--metric", help="kNN distance: euclidean | cosine."),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+) -> None:
+    """Evaluate a run on a split (metrics.json, predictions.csv), kNN on its embeddings, or an index."""
+    if (path / "index.faiss").is_file():
+        from carspotter.retrieval import evaluate_index
+
+        metrics = evaluate_index(path)
+        title = f"index {path}"
+    elif knn is not None:
+        from carspotter.retrieval.knn import evaluate_knn_run
+
+        metrics = evaluate_knn_run(path, data, knn, metric, split, device=device)
+        title = f"kNN k={knn} ({metric}) on {split}"
+    else:
+        from carspotter.engine.evaluate import evaluate_run
+
+        metrics = evaluate_run(path, data, split=split, device=device, batch_size=batch_size)
+        title = f"{path} on {split}"
+    _table(title, [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)], ("metric", "value"))
+
+
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    k: int = typer.Option(5, "--k", help="How many classes to show per image."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Print the top-k classes with probabilities for each image."""
+    from carspotter.engine.evaluate import predict_images
+
+    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device):
+        rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
+        typer.echo(res["path"])
+        _table("", rows, ("#", "class", "probability"))
+
+
+def presets() -> None:
+    """List the built-in experiment presets."""
+    from carspotter.presets import preset_descriptions
+
+    _table(
+        "presets (use with `carspotter train --preset NAME`)",
+        list(preset_descriptions().items()),
+        ("name", "description"),
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command("train")(friendly_errors(train))
+    app.command("evaluate")(friendly_errors(evaluate))
+    app.command("predict")(friendly_errors(predict))
+    app.command("presets")(friendly_errors(presets))

@@ -7,6 +7,7 @@ runs in a process pool because it dominates the time for the 16k real photos.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -53,6 +54,28 @@ def _plain_jpeg(data: bytes | Path) -> bool:
 
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         return im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+
+
+def _bboxes_fit(items: list[SourceItem], n_sample: int = 100) -> bool:
+    """Do the boxes belong to these photos? Checked on a spread sample by reading image headers only.
+
+    A box that happens to fit a downscaled photo is still wrong, so a source whose boxes mostly do not
+    fit loses all of them rather than keeping a random few.
+    """
+    from PIL import Image
+
+    with_box = [it for it in items if it.bbox is not None and it.embedded is None]
+    if not with_box:
+        return True
+    step = max(1, len(with_box) // n_sample)
+    fits = []
+    for it in with_box[::step][:n_sample]:
+        try:
+            with Image.open(it.path) as im:
+                fits.append(_bbox_ok(it.bbox, *im.size))  # type: ignore[arg-type]
+        except Exception:  # unreadable files are reported later by the decode step
+            continue
+    return not fits or sum(fits) >= 0.8 * len(fits)
 
 
 def _process(task: _Task) -> dict[str, Any]:
@@ -256,6 +279,14 @@ def prepare(
         for note in read.notes:
             say(f"note: {note}")
         items = read.items
+        notes = list(read.notes)
+        if not _bboxes_fit(items):
+            items = [dataclasses.replace(it, bbox=None) for it in items]
+            notes.append(
+                "bounding boxes ignored: most lie outside their photos, so the annotations were made for "
+                "another resolution (e.g. the original photos, not these resized copies)"
+            )
+            say(f"note: {notes[-1]}")
         rels = _out_paths(items)
         tasks = [
             _Task(i, it, str(tmp / rel), max_side, crop_bbox)
@@ -278,10 +309,9 @@ def prepare(
         label_of = {n: i for i, n in enumerate(names)}
         labels = [label_of[it.class_name] for it in good_items]
 
-        notes = list(read.notes)
         if protocol == "classification":
             splits = [it.split or "train" for it in good_items]
-            if "test" not in splits:
+            if "test" not in splits and not any(n.startswith("test split skipped") for n in notes):
                 notes.append("the source has no test split")
             if "val" in splits:
                 notes.append("the source has its own val split: no val carved out")

@@ -222,7 +222,7 @@ def make_synthetic(
     test_fraction: float = 0.2,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a prepared dataset (manifest.csv + images/ + summary.json) of synthetic cars; returns the summary."""
+    """Write a prepared dataset (manifest.csv + images/ + summary.json) of synthetic cars."""
     t0 = time.perf_counter()
     if not 2 <= classes <= MAX_CLASSES:
         raise ValueError(f"classes {classes}: must be between 2 and {MAX_CLASSES}")

@@ -50,6 +50,18 @@ def classification_metrics(
     return out
 
 
+def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA, and on CPUs with native bf16 (there it measured ~1.5–2× faster than fp32 for
+    EfficientNet-Lite0/ResNet-50; tiny CNNs are faster in fp32, so tests turn it off); None = fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def eval_transform(img_size: int, resize_size: int | None, mean: Any, std: Any) -> Any:
     from carspotter.data.transforms import build_transform
 
@@ -109,7 +121,11 @@ def evaluate_run(
         model = model.to(memory_format=torch.channels_last)
     outputs, seconds = [], 0.0
     metric_task = cfg.task == "metric"
-    with torch.inference_mode():
+    amp = autocast_dtype(cfg.train.amp, dev)  # as in training
+    with (
+        torch.inference_mode(),
+        torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
+    ):
         for x, _ in loader:
             x = x.to(dev, memory_format=torch.channels_last)
             t0 = time.perf_counter()
@@ -137,6 +153,7 @@ def evaluate_run(
         metrics = {**classification_metrics(labels, probs.argmax(1), probs, loss), **speed}
         atomic_write_text(run_dir / f"predictions{suffix}.csv", _predictions_csv(ds.paths, labels, probs))
     metrics["device"] = str(dev)
+    metrics["autocast"] = str(amp).replace("torch.", "") if amp else "off"
     atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
     return metrics
 

@@ -35,8 +35,11 @@ def _slug(s: str) -> str:
 
 def best_classification_run(runs: list[RunRecord]) -> RunRecord | None:
     """Highest test accuracy among classification runs that have predictions.csv."""
-    cands = [r for r in transfer_runs(runs) + scratch_runs(runs)
-             if r.has_predictions and r.metrics and isinstance(r.metrics.get("accuracy"), int | float)]
+    cands = [
+        r
+        for r in transfer_runs(runs) + scratch_runs(runs)
+        if r.has_predictions and r.metrics and isinstance(r.metrics.get("accuracy"), int | float)
+    ]
     return max(cands, key=lambda r: r.metrics["accuracy"]) if cands else None  # type: ignore[index]
 
 
@@ -45,7 +48,9 @@ def _curves_section(runs: list[RunRecord]) -> Section:
     for r in runs:
         png = plots.training_curves(r.history, r.name) if r.history else None
         if png:
-            sec.blocks.append(Figure(f"curves_{_slug(r.name)}.png", png, f"{r.name}: loss and accuracy per epoch"))
+            sec.blocks.append(
+                Figure(f"curves_{_slug(r.name)}.png", png, f"{r.name}: loss and accuracy per epoch")
+            )
         elif r.task != "knn":
             sec.blocks.append(Para(f"{r.name}: — (no metrics.csv with per-epoch numbers)", "note"))
     if not sec.blocks:
@@ -68,11 +73,21 @@ def _confusion_section(runs: list[RunRecord], top_n: int) -> Section:
         return sec
     cm = plots.confusion(y, p, n)
     acc = best.metrics.get("accuracy") if best.metrics else None
-    sec.blocks.append(Para(f"Best classification run: {best.name} (test accuracy "
-                           f"{acc * 100:.1f} %, {len(y)} test images)." if isinstance(acc, float) else best.name))
+    sec.blocks.append(
+        Para(
+            f"Best classification run: {best.name} (test accuracy {acc * 100:.1f} %, {len(y)} test images)."
+            if isinstance(acc, float)
+            else best.name
+        )
+    )
     png = plots.confusion_heatmap(cm, names, f"{best.name}", top_n=top_n)
-    sec.blocks.append(Figure(f"confusion_{_slug(best.name)}.png", png,
-                             "Rows: true class; colour: share of the true class's test images"))
+    sec.blocks.append(
+        Figure(
+            f"confusion_{_slug(best.name)}.png",
+            png,
+            "Rows: true class; colour: share of the true class's test images",
+        )
+    )
     sec.blocks.append(confused_pairs_table(plots.most_confused_pairs(cm, names), best.name))
     return sec
 
@@ -88,10 +103,14 @@ def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
             png, how = retrieval_examples(ix, n_queries=n_queries, k=k)
         except Exception as e:  # a broken index must not sink the rest of the report
             log.warning("retrieval grid for %s failed: %s", ix, e)
-            sec.blocks.append(Para(f"{ix}: — retrieval examples unavailable ({type(e).__name__}: {e})", "note"))
+            sec.blocks.append(
+                Para(f"{ix}: — retrieval examples unavailable ({type(e).__name__}: {e})", "note")
+            )
             continue
         sec.blocks.append(Para(how + ". Green frame / ✓ = same class as the query; red / ✗ = another class."))
-        sec.blocks.append(Figure(f"retrieval_{_slug(ix.name)}.png", png, f"Retrieval examples from {ix.name}"))
+        sec.blocks.append(
+            Figure(f"retrieval_{_slug(ix.name)}.png", png, f"Retrieval examples from {ix.name}")
+        )
     return sec
 
 
@@ -109,10 +128,15 @@ def build_sections(
     head = Section("Results")
     rand = random_weight_runs(runs)
     if rand:
-        head.blocks.append(Para(
-            "Runs from random weights: " + ", ".join(r.name for r in rand) + ". No ImageNet weights were available "
-            "(offline, no --weights file), so transfer learning could not transfer anything; expect much lower "
-            "numbers than the reference column.", "warn"))
+        head.blocks.append(
+            Para(
+                "Runs from random weights: "
+                + ", ".join(r.name for r in rand)
+                + ". No ImageNet weights were available (offline, no --weights file), so transfer "
+                "learning could not transfer anything; expect much lower numbers than the reference column.",
+                "warn",
+            )
+        )
     head.blocks += results_tables(runs)
     mt = metric_table(runs, indexes)
     if mt is not None:
@@ -142,12 +166,15 @@ def build_report(
     idx = [Path(d) for d in index_dirs or []]
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty; pass --overwrite to replace it "
-                                "or choose another --out")
+        raise OutputExistsError(
+            f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another --out"
+        )
     out = prepare_out_dir(out, overwrite=overwrite, marker=MARKER)
     sections = build_sections(runs, idx, grid_queries=grid_queries, grid_k=grid_k)
-    subtitle = (f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(runs)} run dir(s)"
-                f"{f' and {len(idx)} index dir(s)' if idx else ''}.")
+    subtitle = (
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(runs)} run dir(s)"
+        f"{f' and {len(idx)} index dir(s)' if idx else ''}."
+    )
     for s in sections:
         for b in s.blocks:
             if isinstance(b, Figure):

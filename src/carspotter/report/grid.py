@@ -50,7 +50,9 @@ def _query_records(data_root: Path, gallery_splits: set[str]) -> list[dict[str, 
     for split in ("test", "val"):
         held = [r for r in records if r.split == split and split not in gallery_splits]
         if held:
-            return [{"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in held]
+            return [
+                {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in held
+            ]
     return []
 
 
@@ -71,7 +73,9 @@ def _search_leave_one_out(index_dir: Path, ids: list[int], k: int) -> tuple[np.n
     import faiss
 
     fi = faiss.read_index(str(index_dir / "index.faiss"))
-    vecs = np.stack([fi.reconstruct(i) for i in ids]).astype(np.float32)  # (Q, D), already normalised if cosine
+    vecs = np.stack([fi.reconstruct(i) for i in ids]).astype(
+        np.float32
+    )  # (Q, D), already normalised if cosine
     d, found = fi.search(vecs, k + 1)
     out_d, out_i = [], []
     for q, row_d, row_i in zip(ids, d, found, strict=True):
@@ -95,8 +99,10 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
         queries = _pick(_query_records(root, {str(m.get("split")) for m in meta}), n_queries)
     if queries:
         dist, ids = _search_with_model(index, info, queries, k)
-        how = (f"{len(queries)} held-out {queries[0]['split']} photos embedded by {Path(run_dir).name}; "
-               f"top-{k} of {len(meta)} gallery photos")
+        how = (
+            f"{len(queries)} held-out {queries[0]['split']} photos embedded by {Path(run_dir).name}; "
+            f"top-{k} of {len(meta)} gallery photos"
+        )
         q_paths = [root / q["path"] for q in queries]
     else:
         chosen = _pick([dict(m, _id=i) for i, m in enumerate(meta)], n_queries)
@@ -111,8 +117,14 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
             if i < 0:
                 continue
             g = meta[int(i)]
-            row.append(GridCell(_thumb(root / g["path"]), str(g.get("class_name", g["label"])),
-                                correct=str(g["label"]) == str(q["label"]), distance=float(d)))
+            row.append(
+                GridCell(
+                    _thumb(root / g["path"]),
+                    str(g.get("class_name", g["label"])),
+                    correct=str(g["label"]) == str(q["label"]),
+                    distance=float(d),
+                )
+            )
         rows.append(row)
     metric = info.get("metric", "")
     png = retrieval_grid(rows, f"Retrieval examples — {index_dir.name} ({metric})")

@@ -62,13 +62,19 @@ def _is_num(cell: str) -> bool:
 def table_html(t: Table, show_title: bool = True) -> str:
     ref_cols = {i for i, h in enumerate(t.headers) if h.lower().startswith("reference")}
     out = [f"<h3>{html.escape(t.title)}</h3>"] if show_title else []
-    out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>")
+    out.append(
+        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>"
+    )
     out.append("<tbody>")
     for row in t.rows:
         tds = []
         for i, cell in enumerate(row):
-            cls = "missing" if cell == DASH else ("ref" if i in ref_cols else ("num" if _is_num(cell) else ""))
-            tds.append(f'<td class="{cls}">{html.escape(cell)}</td>' if cls else f"<td>{html.escape(cell)}</td>")
+            cls = (
+                "missing" if cell == DASH else ("ref" if i in ref_cols else ("num" if _is_num(cell) else ""))
+            )
+            tds.append(
+                f'<td class="{cls}">{html.escape(cell)}</td>' if cls else f"<td>{html.escape(cell)}</td>"
+            )
         out.append("<tr>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
     if t.caption:
@@ -92,13 +98,16 @@ def render_html(title: str, sections: list[Section], subtitle: str = "") -> str:
                 body.append(table_html(b, show_title=b.title != s.title))
             elif isinstance(b, Figure):
                 cap = f"<figcaption>{html.escape(b.caption)}</figcaption>" if b.caption else ""
-                body.append(f'<figure><img alt="{html.escape(b.caption or b.filename)}" '
-                            f'src="{_data_uri(b.png)}">{cap}</figure>')
+                body.append(
+                    f'<figure><img alt="{html.escape(b.caption or b.filename)}" '
+                    f'src="{_data_uri(b.png)}">{cap}</figure>'
+                )
             else:
                 body.append(f'<div class="{html.escape(b.kind)}">{html.escape(b.text)}</div>')
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
         f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
@@ -108,8 +117,10 @@ def _md_cell(s: str) -> str:
 
 
 def table_markdown(t: Table, show_title: bool = True) -> str:
-    lines = ([f"### {t.title}", ""] if show_title else []) + ["| " + " | ".join(_md_cell(h) for h in t.headers) + " |",
-             "|" + "|".join("---" for _ in t.headers) + "|"]
+    lines = ([f"### {t.title}", ""] if show_title else []) + [
+        "| " + " | ".join(_md_cell(h) for h in t.headers) + " |",
+        "|" + "|".join("---" for _ in t.headers) + "|",
+    ]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
     if t.caption:
         lines += ["", f"_{t.caption}_"]

@@ -45,8 +45,16 @@ def training_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
     """Loss and accuracy per epoch, train vs val; None when metrics.csv has nothing to plot."""
     panels = [
         ("Loss", [("train_loss", "train"), ("val_loss", "val")], False),
-        ("Accuracy", [("train_accuracy", "train"), ("val_accuracy", "val"), ("val_recall_at_1", "val Recall@1"),
-                      ("val_f1_macro", "val F1 (macro)")], True),
+        (
+            "Accuracy",
+            [
+                ("train_accuracy", "train"),
+                ("val_accuracy", "val"),
+                ("val_recall_at_1", "val Recall@1"),
+                ("val_f1_macro", "val F1 (macro)"),
+            ],
+            True,
+        ),
     ]
     if not any(_series(history, k)[0] for _, keys, _ in panels for k, _ in keys):
         return None
@@ -116,8 +124,15 @@ def confusion_heatmap(cm: np.ndarray, names: list[str], title: str, top_n: int =
         for i in range(len(idx)):
             for j in range(len(idx)):
                 if sub[i, j]:
-                    ax.text(j, i, int(sub[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(sub[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     ax.set_title(title, fontsize=10)
     return _png(fig)

@@ -80,7 +80,7 @@ def _metrics_row(name: str, desc: str, m: dict[str, Any] | None, ref: dict[str, 
 
 
 def weights_source(run: RunRecord) -> str:
-    """"ImageNet (download)", "ImageNet (file x)", "random init", or "" for the scratch CNN."""
+    """ "ImageNet (download)", "ImageNet (file x)", "random init", or "" for the scratch CNN."""
     if run.cfg is None or run.is_scratch:
         return ""
     m = run.cfg.model
@@ -90,7 +90,7 @@ def weights_source(run: RunRecord) -> str:
 
 
 def random_weight_runs(runs: list[RunRecord]) -> list[RunRecord]:
-    """Transfer/kNN runs that started from random weights, so their numbers are not comparable to the paper."""
+    """Transfer/kNN runs that started from random weights: not comparable with the reference numbers."""
     return [r for r in runs if weights_source(r) == "random init"]
 
 
@@ -100,7 +100,7 @@ def _random_note(runs: list[RunRecord]) -> list[str]:
         return []
     return [
         f"{', '.join(bad)}: backbone started from RANDOM weights (no ImageNet weights available), "
-        "so these numbers are far below what transfer learning reaches and are not comparable with the reference."
+        "so these numbers are far below what transfer learning reaches and not comparable with the reference."
     ]
 
 
@@ -121,8 +121,10 @@ def metric_runs(runs: list[RunRecord]) -> list[RunRecord]:
 
 
 def _classification_table(title: str, runs: list[RunRecord], empty: str) -> Table:
-    rows = [_metrics_row(r.name, r.cfg.description if r.cfg else "", r.metrics, r.cfg.reference if r.cfg else {})
-            for r in runs]
+    rows = [
+        _metrics_row(r.name, r.cfg.description if r.cfg else "", r.metrics, r.cfg.reference if r.cfg else {})
+        for r in runs
+    ]
     notes = _missing_notes(runs) + _random_note(runs)
     if not rows:
         rows = [[DASH] * len(RESULT_COLUMNS)]
@@ -133,7 +135,9 @@ def _classification_table(title: str, runs: list[RunRecord], empty: str) -> Tabl
 def results_tables(runs: list[RunRecord]) -> list[Table]:
     """Transfer learning / Retrieval (kNN) / From scratch (+ Metric learning when present)."""
     tables = [
-        _classification_table("Transfer learning", transfer_runs(runs), "No transfer-learning run was given."),
+        _classification_table(
+            "Transfer learning", transfer_runs(runs), "No transfer-learning run was given."
+        ),
         knn_table(runs),
         _classification_table("From scratch", scratch_runs(runs), "No from-scratch run was given."),
     ]
@@ -146,23 +150,39 @@ def knn_table(runs: list[RunRecord]) -> Table:
     results: list[tuple[RunRecord, KnnResult]] = [(r, k) for r in runs for k in r.knn]
     rows = [_metrics_row(k.name, k.description, k.metrics, k.reference) for _, k in results]
     knn_runs = [r for r in runs if r.task == "knn"]
-    notes = [n for r in knn_runs for n in r.notes] + _random_note(list({id(r): r for r, _ in results}.values()))
+    notes = [n for r in knn_runs for n in r.notes] + _random_note(
+        list({id(r): r for r, _ in results}.values())
+    )
     if not rows:
         rows = [[DASH] * len(RESULT_COLUMNS)]
-        notes.append("No kNN evaluation was found (metrics_knn*.json, or metrics.json of a run with task: knn).")
+        notes.append(
+            "No kNN evaluation was found (metrics_knn*.json, or metrics.json of a run with task: knn)."
+        )
     return Table("Retrieval (kNN)", RESULT_COLUMNS, rows, notes)
 
 
-METRIC_COLUMNS = ["Experiment", "Model Description", "Recall@1", "Recall@2", "Recall@4", "Recall@8", "MAP@R",
-                  "Reference Recall@1"]
+METRIC_COLUMNS = [
+    "Experiment",
+    "Model Description",
+    "Recall@1",
+    "Recall@2",
+    "Recall@4",
+    "Recall@8",
+    "MAP@R",
+    "Reference Recall@1",
+]
 
 
 def _recall_row(name: str, desc: str, m: dict[str, Any] | None, ref: dict[str, float]) -> list[str]:
     m = m or {}
-    return [name, desc or DASH] + [pct(m.get(f"recall_at_{k}")) for k in (1, 2, 4, 8)] + [
-        pct(m.get("map_at_r")),
-        pct(ref.get("recall_at_1")) if ref else DASH,
-    ]
+    return (
+        [name, desc or DASH]
+        + [pct(m.get(f"recall_at_{k}")) for k in (1, 2, 4, 8)]
+        + [
+            pct(m.get("map_at_r")),
+            pct(ref.get("recall_at_1")) if ref else DASH,
+        ]
+    )
 
 
 def metric_table(runs: list[RunRecord], indexes: list[IndexRecord]) -> Table | None:
@@ -171,28 +191,50 @@ def metric_table(runs: list[RunRecord], indexes: list[IndexRecord]) -> Table | N
     for r in runs:
         has = r.metrics is not None and "recall_at_1" in r.metrics
         if r.task == "metric" or has:
-            rows.append(_recall_row(r.name, r.cfg.description if r.cfg else "", r.metrics,
-                                    r.cfg.reference if r.cfg else {}))
+            rows.append(
+                _recall_row(
+                    r.name, r.cfg.description if r.cfg else "", r.metrics, r.cfg.reference if r.cfg else {}
+                )
+            )
             if r.task == "metric":
                 notes += r.notes
     for ix in indexes:
         src = ix.info.get("run_dir") or ix.info.get("backbone") or ""
         src_name = str(src).rstrip("/").rsplit("/", 1)[-1] if src else "?"
-        desc = f"gallery index of {src_name} ({ix.info.get('metric', '?')}, {ix.info.get('index_type', '?')}, " \
-               f"n={ix.info.get('n', len(ix.meta))})"
+        desc = (
+            f"gallery index of {src_name} ({ix.info.get('metric', '?')}, {ix.info.get('index_type', '?')}, "
+            f"n={ix.info.get('n', len(ix.meta))})"
+        )
         rows.append(_recall_row(f"index {ix.path.name}", desc, ix.metrics, {}))
         notes += ix.notes
     if not rows:
         return None
-    return Table("Metric learning / retrieval quality", METRIC_COLUMNS, rows, notes,
-                 caption="Recall@K: a query counts as correct if one of its K nearest neighbours has its class "
-                 "(the query itself excluded). MAP@R: mean average precision at R = number of same-class items.")
+    return Table(
+        "Metric learning / retrieval quality",
+        METRIC_COLUMNS,
+        rows,
+        notes,
+        caption="Recall@K: a query counts as correct if one of its K nearest neighbours has its class "
+        "(the query itself excluded). MAP@R: mean average precision at R = number of same-class items.",
+    )
 
 
 # --- hyperparameters -------------------------------------------------------------------------------------
 
-HP_COLUMNS = ["Experiment", "Backbone", "Img size", "Epochs", "Batch", "Optimizer", "LR", "Schedule", "Aug",
-              "Dropout", "Freeze policy", "k / metric"]
+HP_COLUMNS = [
+    "Experiment",
+    "Backbone",
+    "Img size",
+    "Epochs",
+    "Batch",
+    "Optimizer",
+    "LR",
+    "Schedule",
+    "Aug",
+    "Dropout",
+    "Freeze policy",
+    "k / metric",
+]
 
 
 def _fmt_float(v: float) -> str:
@@ -284,25 +326,31 @@ def hyperparameter_table(runs: list[RunRecord]) -> Table:
             notes.append(f"{r.name}: no readable config.yaml")
             continue
         c = r.cfg
-        rows.append([
-            r.name,
-            _backbone(r),
-            str(c.data.img_size),
-            str(c.train.epochs),
-            str(c.data.batch_size),
-            _optimizer(r),
-            _lr(r),
-            _schedule(r),
-            _aug(r),
-            _fmt_float(c.model.dropout),
-            _freeze(r),
-            _k_metric(r),
-        ])
+        rows.append(
+            [
+                r.name,
+                _backbone(r),
+                str(c.data.img_size),
+                str(c.train.epochs),
+                str(c.data.batch_size),
+                _optimizer(r),
+                _lr(r),
+                _schedule(r),
+                _aug(r),
+                _fmt_float(c.model.dropout),
+                _freeze(r),
+                _k_metric(r),
+            ]
+        )
     return Table("Hyperparameters", HP_COLUMNS, rows, notes)
 
 
 def confused_pairs_table(pairs: list[tuple[str, str, int, float]], run_name: str) -> Table:
     rows = [[t, p, str(n), pct(f)] for t, p, n, f in pairs] or [[DASH, DASH, DASH, DASH]]
     notes = [] if pairs else ["No misclassified test images."]
-    return Table(f"Most-confused class pairs ({run_name})", ["True class", "Predicted as", "Count",
-                                                            "Share of true class"], rows, notes)
+    return Table(
+        f"Most-confused class pairs ({run_name})",
+        ["True class", "Predicted as", "Count", "Share of true class"],
+        rows,
+        notes,
+    )

@@ -1,1 +1,12 @@
-"""carspotter.retrieval"""
+"""Retrieval: embeddings, FAISS gallery indexes, kNN classification, Recall@K / MAP@R, metric losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def evaluate_index(index_dir: Any, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Score an index dir's photos against each other (see retrieval.build.evaluate_index)."""
+    from carspotter.retrieval.build import evaluate_index as _evaluate_index
+
+    return _evaluate_index(index_dir, ks)

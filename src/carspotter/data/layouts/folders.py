@@ -13,8 +13,8 @@ from carspotter.data.layouts.base import (
     LayoutError,
     LayoutRead,
     SourceItem,
-    descend_single,
     image_files,
+    is_hidden,
     is_image_name,
     subdirs,
 )
@@ -44,7 +44,12 @@ def _classes(d: Path) -> list[Path]:
 
 def find_root(src: Path) -> tuple[Path, dict[str, Path]] | None:
     """(root, {split: folder}) — split "" means a plain folder of class folders."""
-    root = descend_single(src)
+    root = src
+    for _ in range(4):  # car_data/car_data/… : follow lone folders down, but stop at a split folder
+        kids = [p for p in root.iterdir() if not is_hidden(p)]
+        if len(kids) != 1 or not kids[0].is_dir() or kids[0].name.lower() in SPLIT_ALIASES:
+            break
+        root = kids[0]
     splits = {}
     for d in subdirs(root):
         split = SPLIT_ALIASES.get(d.name.lower())

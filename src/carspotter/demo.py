@@ -1,0 +1,445 @@
+"""`carspotter demo`: the whole study end to end, scaled down to minutes on a laptop CPU.
+
+It runs the real presets — the three transfer-learning, three kNN and three from-scratch experiments of the
+reference study plus a strong recipe — through the real `fit` / `evaluate_run` / `evaluate_knn_run` /
+`build_index_from_run` / `build_report`, only with config overrides that make them small (image size,
+epochs, batch). The kNN experiments reuse the fine-tuned transfer networks, as in the reference study.
+Epochs are scaled to a time budget, measured as the demo goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carspotter.config import ExperimentConfig, apply_overrides
+from carspotter.utils import atomic_write_json, prepare_out_dir
+
+MARKER = "demo.json"
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How small the demo makes everything (all applied as config overrides on the presets)."""
+
+    synth: dict[str, Any]  # make_synthetic arguments
+    img_size: int | None  # None: the preset's own
+    batch_size: int | None
+    epochs: dict[str, int]  # per experiment family; missing: the preset's own
+    budget_reserve_s: float  # kept for index + report
+
+
+SCALES: dict[str, Scale] = {
+    "default": Scale(
+        synth={"classes": 24, "per_class": 30, "size": 72, "seed": 0},
+        img_size=64,
+        batch_size=32,
+        epochs={"frozen": 6, "finetune": 3, "progressive": 3, "scratch": 4, "strong": 4},
+        budget_reserve_s=15.0,
+    ),
+    "tiny": Scale(
+        synth={"classes": 6, "per_class": 8, "size": 40, "seed": 0},
+        img_size=32,
+        batch_size=16,
+        epochs={"frozen": 1, "finetune": 1, "progressive": 1, "scratch": 1, "strong": 1},
+        budget_reserve_s=5.0,
+    ),
+    "full": Scale(
+        synth={"classes": 24, "per_class": 40, "size": 96, "seed": 0},
+        img_size=None,
+        batch_size=None,
+        epochs={},
+        budget_reserve_s=60.0,
+    ),
+}
+# Relative cost of one epoch per family (fine-tuning the small backbone = 1), refined by measurement.
+REL_COST = {"frozen": 0.1, "finetune": 1.0, "progressive": 0.7, "scratch": 0.35, "strong": 0.9, "knn": 0.3}
+# Extra channel-width cut for the strong from-scratch recipe at demo scale (its 5 wide blocks cost ~4× the
+# small backbone at 64 px); an override on the preset, recorded in demo.json like every other.
+STRONG_DEMO_CHANNELS = [32, 64, 128, 192, 256]
+
+
+@dataclass
+class Step:
+    name: str  # run dir name (= preset name)
+    preset: str
+    kind: str  # train | knn
+    family: str  # frozen | finetune | progressive | scratch | strong | knn
+    overrides: dict[str, Any] = field(default_factory=dict)
+    network_from: str | None = None  # kNN: the transfer run whose network embeds the photos
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def find_preset(prefix: str) -> str:
+    """The preset whose name starts with `prefix` (`seed-t1` → `seed-t1-resnet50-frozen`)."""
+    from carspotter.presets import list_presets
+
+    names = [n for n in list_presets() if n == prefix or n.startswith(prefix + "-")]
+    if not names:
+        raise FileNotFoundError(f"no preset named {prefix}-… (known: {', '.join(list_presets())})")
+    return names[0]
+
+
+def _family(cfg: ExperimentConfig, strong: bool) -> str:
+    if cfg.task == "knn":
+        return "knn"
+    if cfg.model.arch == "scratch_cnn":
+        return "strong" if strong else "scratch"
+    if cfg.model.unfreeze_schedule:
+        return "progressive"
+    return "frozen" if cfg.model.freeze == "backbone" else "finetune"
+
+
+def plan_steps(strong: tuple[str, ...] = ("strong-cnn-scratch",)) -> list[Step]:
+    """The nine reference experiments (+ strong recipes) in the reference order; kNN after its network."""
+    from carspotter.presets import load_preset
+
+    steps: list[Step] = []
+    for p in [
+        "seed-t1",
+        "seed-t2",
+        "seed-t3",
+        "seed-r1",
+        "seed-r2",
+        "seed-r3",
+        "seed-s1",
+        "seed-s2",
+        "seed-s3",
+        *strong,
+    ]:
+        name = find_preset(p)
+        cfg = load_preset(name)
+        fam = _family(cfg, p.startswith("strong"))
+        src = None
+        if fam == "knn":  # the reference study embedded with its fine-tuned T2 (R1, R2) and T3 (R3) networks
+            src = find_preset("seed-t3" if p == "seed-r3" else "seed-t2")
+        steps.append(Step(name, name, "knn" if fam == "knn" else "train", fam, network_from=src))
+    return steps
+
+
+def _scaled_epoch(e: int, old: int, new: int) -> int:
+    return min(new - 1, round(e * new / max(old, 1))) if new > 1 else 0
+
+
+def scale_overrides(
+    cfg: ExperimentConfig,
+    family: str,
+    epochs: int | None,
+    scale: Scale,
+    weights: dict[str, Any],
+    backbone: str,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """Overrides that shrink one preset to demo size while keeping its recipe (schedule shapes scale too)."""
+    o: dict[str, Any] = {}
+    if scale.img_size:
+        o["data.img_size"] = scale.img_size
+        o["data.resize_size"] = None
+    if scale.batch_size:
+        o["data.batch_size"] = scale.batch_size
+    old = cfg.train.epochs
+    new = epochs or old
+    if new != old:
+        o["train.epochs"] = new
+        if cfg.schedule.name == "step":
+            o["schedule.step_size"] = max(1, round(cfg.schedule.step_size * new / old))
+        if cfg.schedule.warmup_epochs:
+            o["schedule.warmup_epochs"] = min(
+                cfg.schedule.warmup_epochs, round(cfg.schedule.warmup_epochs * new / old)
+            )
+        if cfg.model.unfreeze_schedule:
+            sched: dict[int, int] = {}
+            for e, n in sorted(cfg.model.unfreeze_schedule.items()):
+                sched[_scaled_epoch(e, old, new)] = n  # later stages win a collision: still progressive
+            o["model.unfreeze_schedule"] = sched
+        if cfg.train.warmup_head_epochs:
+            o["train.warmup_head_epochs"] = _scaled_epoch(cfg.train.warmup_head_epochs, old, new)
+        if cfg.train.early_stop_patience:
+            o["train.early_stop_patience"] = None
+        if cfg.train.ema_decay:  # keep the EMA horizon a quarter of the (much shorter) run
+            o["train.ema_decay"] = round(min(cfg.train.ema_decay, 1 - 4 / max(new * steps_per_epoch, 8)), 4)
+    if (
+        family == "strong"
+        and scale.img_size
+        and cfg.model.arch == "scratch_cnn"
+        and len(cfg.model.channels) == 5
+    ):
+        o["model.channels"] = STRONG_DEMO_CHANNELS
+    if cfg.model.arch != "scratch_cnn":
+        o["model.arch"] = backbone
+        o["model.pretrained"] = weights["mode"] == "download"
+        o["model.weights"] = weights.get("path")
+    return o
+
+
+def resolve_weights(weights: Path | None, echo: Echo) -> dict[str, Any]:
+    """Where the transfer backbone's ImageNet weights come from: a file, a download, or nowhere (random)."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights {weights}: file not found")
+        return {"mode": "file", "path": str(Path(weights).resolve())}
+    from carspotter.models.factory import hub_reachable
+
+    if hub_reachable():
+        return {"mode": "download", "path": None}
+    echo(
+        "WARNING: no ImageNet weights — offline and no --weights file. The transfer-learning and kNN "
+        "experiments start from RANDOM weights, so their numbers say nothing about transfer learning. "
+        "Pass --weights PATH (e.g. tf_efficientnet_lite0 .safetensors) for the real thing."
+    )
+    return {"mode": "random", "path": None}
+
+
+class Budget:
+    """Scales planned epochs so the remaining steps fit the time left, from the seconds measured so far."""
+
+    def __init__(self, budget_s: float, reserve_s: float, t0: float) -> None:
+        self.budget_s, self.reserve_s, self.t0 = budget_s, reserve_s, t0
+        self.units_done, self.secs_done = 0.0, 0.0
+
+    def record(self, units: float, secs: float) -> None:
+        self.units_done += units
+        self.secs_done += secs
+
+    def sec_per_unit(self) -> float | None:
+        return self.secs_done / self.units_done if self.units_done > 0 else None
+
+    def factor(self, remaining_units: float) -> float:
+        spu = self.sec_per_unit()
+        if spu is None or remaining_units <= 0:
+            return 1.0
+        left = self.budget_s - self.reserve_s - (time.perf_counter() - self.t0)
+        return max(0.0, min(1.0, left / (spu * remaining_units)))
+
+
+def _steps_per_epoch(data_dir: Path, cfg: ExperimentConfig, batch: int | None) -> int:
+    from carspotter.data.manifest import read_manifest, split_records
+
+    n = len(split_records(read_manifest(data_dir), cfg.data.train_split))
+    return max(1, -(-n // (batch or cfg.data.batch_size)))
+
+
+def _make_knn_run(step: Step, cfg: ExperimentConfig, source: Path, run_dir: Path) -> None:
+    """A kNN experiment's run dir: its own config.yaml, the network of the transfer run it reuses."""
+    run_dir.mkdir(parents=True)
+    for f in ("model.json", "best.safetensors", "metrics.csv"):
+        src = source / f
+        if not src.is_file():
+            continue
+        try:
+            os.link(src, run_dir / f)  # same bytes, no copy
+        except OSError:
+            shutil.copy2(src, run_dir / f)
+    from carspotter.config import dump_config
+
+    cfg = copy.deepcopy(cfg)
+    cfg.description = f"{cfg.description} [network: fine-tuned {source.name}, reused]"
+    dump_config(cfg, run_dir / "config.yaml")
+
+
+def _acc(m: dict[str, Any] | None) -> str:
+    v = (m or {}).get("accuracy")
+    return f"{100 * v:5.1f} %" if isinstance(v, int | float) else "  —  "
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    weights: str | Path | None = None,
+    backbone: str = "tf_efficientnet_lite0",
+    overwrite: bool = False,
+    budget_s: float = 180.0,
+    scale: str = "default",
+    strong: tuple[str, ...] = ("strong-cnn-scratch",),
+    echo: Echo = print,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run everything into OUT (data/, runs/<preset>/, index/, report/, demo.json); return demo.json."""
+    t0 = time.perf_counter()
+    if scale not in SCALES:
+        raise ValueError(f"--scale {scale!r}: expected one of {', '.join(SCALES)}")
+    sc = SCALES[scale]
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out}: already exists and is not empty; pass --overwrite or choose another --out"
+        )
+    out = prepare_out_dir(out, overwrite=overwrite, marker=MARKER).resolve()
+    from carspotter.engine.evaluate import evaluate_run
+    from carspotter.engine.train import fit
+    from carspotter.presets import load_preset
+
+    wts = resolve_weights(Path(weights) if weights else None, echo)
+    steps = plan_steps(strong)
+    doc: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "scale": scale,
+        "budget_s": budget_s,
+        "backbone": backbone,
+        "weights": wts,
+        "data": {},
+        "steps": [],
+    }
+
+    def save() -> None:
+        doc["steps"] = [
+            {
+                "name": s.name,
+                "preset": s.preset,
+                "kind": s.kind,
+                "family": s.family,
+                "overrides": s.overrides,
+                "network_from": s.network_from,
+                "result": s.result,
+            }
+            for s in steps
+        ]
+        doc["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(out / MARKER, doc)
+
+    # --- data -------------------------------------------------------------------------------------------
+    if data is None:
+        from carspotter.data.synth import make_synthetic
+
+        data_dir = out / "data"
+        with_t = time.perf_counter()
+        summary = make_synthetic(data_dir, **sc.synth)
+        doc["data"] = {
+            "dir": str(data_dir),
+            "synthetic": True,
+            "options": sc.synth,
+            "counts": summary.get("counts"),
+        }
+        echo(
+            f"data: synthetic {sc.synth['classes']} classes × {sc.synth['per_class']} photos → {data_dir} "
+            f"({time.perf_counter() - with_t:.1f} s)"
+        )
+    else:
+        data_dir = Path(data).resolve()
+        from carspotter.data.manifest import read_manifest
+
+        read_manifest(data_dir)  # a clear error now, not after the first experiment
+        doc["data"] = {"dir": str(data_dir), "synthetic": False}
+        echo(f"data: {data_dir}")
+    save()
+
+    # --- experiments --------------------------------------------------------------------------------------
+    runs = out / "runs"
+    budget = Budget(budget_s, sc.budget_reserve_s, t0)
+    planned = {s.name: sc.epochs.get(s.family) for s in steps}
+    units = {
+        s.name: (planned[s.name] or load_preset(s.preset).train.epochs) * REL_COST[s.family]
+        if s.kind == "train"
+        else REL_COST["knn"]
+        for s in steps
+    }
+    n = len(steps)
+    for i, s in enumerate(steps, start=1):
+        cfg = load_preset(s.preset)
+        remaining = sum(units[x.name] for x in steps[i - 1 :])
+        f = budget.factor(remaining)
+        t_step = time.perf_counter()
+        if s.kind == "train":
+            want = planned[s.name] or cfg.train.epochs
+            ep = max(1, round(want * f)) if f < 1 else want
+            spe = _steps_per_epoch(data_dir, cfg, sc.batch_size)
+            s.overrides = scale_overrides(cfg, s.family, ep, sc, wts, backbone, spe)
+            scaled = apply_overrides(cfg, s.overrides)
+            summary = fit(scaled, data_dir, runs / s.name, progress=progress)
+            metrics = evaluate_run(runs / s.name, data_dir)
+            s.result = {
+                "epochs": summary.get("epochs_completed"),
+                "best_epoch": summary.get("best_epoch"),
+                "val": summary.get("best_value"),
+                "test": _pick(metrics),
+            }
+            u = ep * REL_COST[s.family]
+            desc = f"{ep} ep"
+        else:
+            src = runs / str(s.network_from)
+            s.overrides = {"model.arch": backbone} if cfg.model.arch != "scratch_cnn" else {}
+            if sc.img_size:
+                s.overrides.update({"data.img_size": sc.img_size, "data.resize_size": None})
+            scaled = apply_overrides(cfg, s.overrides)
+            scaled.data.root = str(data_dir)
+            _make_knn_run(s, scaled, src, runs / s.name)
+            metrics = _evaluate_knn(runs / s.name, data_dir, scaled)
+            s.result = {"test": _pick(metrics), "network_from": s.network_from}
+            u = REL_COST["knn"]
+            desc = f"k={scaled.retrieval.k} {scaled.retrieval.metric}"
+        secs = time.perf_counter() - t_step
+        budget.record(u, secs)
+        units[s.name] = u
+        s.result["seconds"] = round(secs, 1)
+        echo(f"[{i:2d}/{n}] {s.name:<36} {desc:<16} test acc {_acc(metrics)}   {secs:6.1f} s")
+        save()
+
+    # --- index, report --------------------------------------------------------------------------------------
+    best = _best_run(steps, runs)
+    t_ix = time.perf_counter()
+    index_dir = out / "index"
+    _build_index(best, data_dir, index_dir)
+    doc["index"] = {"dir": str(index_dir), "run": str(best), "seconds": round(time.perf_counter() - t_ix, 1)}
+    echo(
+        f"index: {index_dir} (gallery: train split embedded by {best.name}, "
+        f"{time.perf_counter() - t_ix:.1f} s)"
+    )
+    from carspotter.report import build_report
+
+    t_rep = time.perf_counter()
+    html = build_report(
+        [runs / s.name for s in steps], out / "report", index_dirs=[index_dir], title="carspotter demo report"
+    )
+    doc["report"] = str(html)
+    serve = f"carspotter serve {best} --index {index_dir}"
+    doc["serve_command"] = serve
+    save()
+    echo(f"report: {html} ({time.perf_counter() - t_rep:.1f} s)")
+    if wts["mode"] == "random":
+        echo("note: transfer/kNN runs used RANDOM weights (no ImageNet weights); see the report's warning.")
+    echo(f"total: {time.perf_counter() - t0:.1f} s (budget {budget_s:.0f} s)")
+    echo(f"serve the best model ({best.name}) with its gallery:\n  {serve}")
+    sys.stdout.flush()
+    return doc
+
+
+def _pick(m: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("accuracy", "f1_macro", "loss", "predict_time_s", "recall_at_1", "map_at_r")
+    return {k: m[k] for k in keys if m and isinstance(m.get(k), int | float)}
+
+
+def _best_run(steps: list[Step], runs: Path) -> Path:
+    """The trained classification run with the highest test accuracy (ties: the earlier one)."""
+    cands = [s for s in steps if s.kind == "train" and "accuracy" in s.result.get("test", {})]
+    if not cands:
+        raise RuntimeError("no experiment produced a test accuracy; nothing to index or serve")
+    return runs / max(cands, key=lambda s: s.result["test"]["accuracy"]).name
+
+
+def _evaluate_knn(run_dir: Path, data_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    from carspotter.retrieval.knn import evaluate_knn_run
+
+    return evaluate_knn_run(run_dir, data_dir)
+
+
+def _build_index(run_dir: Path, data_dir: Path, index_dir: Path) -> None:
+    from carspotter.engine.checkpoint import read_run_config
+    from carspotter.retrieval.index import build_index_from_run, evaluate_index
+
+    cfg = read_run_config(run_dir)
+    build_index_from_run(
+        run_dir, data_dir, split="train", metric=cfg.retrieval.metric, index_type="Flat", out_dir=index_dir
+    )
+    evaluate_index(index_dir)
+
+
+__all__ = ["SCALES", "Step", "plan_steps", "run_demo", "scale_overrides"]

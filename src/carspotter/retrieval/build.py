@@ -1,0 +1,116 @@
+"""Build an index from a run (or a bare pretrained backbone) over a prepared split, and score an index."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from carspotter.config import ModelConfig
+from carspotter.models.factory import CarModel, create_model
+from carspotter.retrieval.index import GalleryIndex
+from carspotter.utils import atomic_write_json, prepare_out_dir, resolve_device
+
+
+def backbone_model(arch: str, weights: str | None, img_size: int, pretrained: bool = True) -> CarModel:
+    """A frozen pretrained backbone as an embedder: frozen features need no training run."""
+    if arch == "scratch_cnn" and not weights:
+        raise ValueError("a bare scratch_cnn backbone has random weights; pass --weights PATH or index a run")
+    cfg = ModelConfig(arch=arch, pretrained=pretrained and not weights, weights=weights)
+    return create_model(cfg, num_classes=0, img_size=img_size).eval()
+
+
+def build_index_from_run(
+    run_or_model: str | Path | CarModel,
+    data_dir: str | Path,
+    split: str = "train",
+    metric: str = "euclidean",
+    index_type: str = "Flat",
+    out_dir: str | Path | None = None,
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_workers: int = 0,
+    source: str = "auto",
+    nprobe: int = 16,
+    ef_search: int = 64,
+    overwrite: bool = False,
+    model_info: dict[str, Any] | None = None,
+) -> GalleryIndex:
+    """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
+
+    `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder.
+    """
+    from carspotter.data.dataset import PreparedDataset
+    from carspotter.engine.checkpoint import load_run
+    from carspotter.retrieval.embed import embed_dataset, eval_transform
+
+    if out_dir is not None:
+        prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
+    dev = resolve_device(device)
+    info: dict[str, Any] = dict(model_info or {})
+    resize_size = None
+    if isinstance(run_or_model, CarModel):
+        model = run_or_model
+    else:
+        model, minfo = load_run(run_or_model, dev)
+        info["run_dir"] = str(Path(run_or_model).resolve())
+        info["class_names_model"] = minfo.class_names
+        resize_size = minfo.resize_size
+    ds = PreparedDataset(data_dir, split, eval_transform(model, resize_size))
+    if len(ds) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no photos")
+    t0 = time.perf_counter()
+    emb = embed_dataset(model, ds, batch_size, dev, num_workers, source)  # (N, D)
+    seconds = time.perf_counter() - t0
+    meta = [
+        {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in ds.records
+    ]
+    info.update(
+        data_root=str(Path(data_dir).resolve()),
+        split=split,
+        preprocess=model.preprocess.to_dict(),
+        resize_size=resize_size,
+        class_names=ds.class_names,
+        embed_source=source,
+        embed_time_s=seconds,
+        embed_images_per_s=len(ds) / seconds if seconds > 0 else None,
+    )
+    index = GalleryIndex.build(
+        emb, meta, metric=metric, index_type=index_type, info=info, nprobe=nprobe, ef_search=ef_search
+    )
+    if out_dir is not None:
+        index.save(out_dir, overwrite=True)
+    return index
+
+
+def evaluate_index(index_dir: str | Path, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """Score the indexed photos against each other (each query excluded) → INDEX_DIR/metrics.json."""
+    from carspotter.retrieval.metrics import retrieval_metrics
+
+    index_dir = Path(index_dir)
+    index = GalleryIndex.load(index_dir)
+    vecs = _stored_vectors(index)
+
+    def search_with_index(_g: Any, queries: Any, k: int, _metric: str) -> Any:
+        return index.search(queries, k)  # the index's own (possibly approximate) search
+
+    t0 = time.perf_counter()
+    m = retrieval_metrics(vecs, index.labels(), index.metric, ks, search=search_with_index)
+    m.update(
+        search_time_s=time.perf_counter() - t0,
+        dim=index.info["dim"],
+        index_type=index.info["index_type"],
+        split=index.info.get("split"),
+    )
+    atomic_write_json(index_dir / "metrics.json", m)
+    return m
+
+
+def _stored_vectors(index: GalleryIndex) -> Any:
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index.index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index.vectors()

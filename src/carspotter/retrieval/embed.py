@@ -1,0 +1,77 @@
+"""Batch embedding extraction: the one path from photos to vectors (index, kNN, search, serve)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from carspotter.config import DataConfig
+from carspotter.data.transforms import build_transform
+from carspotter.models.factory import CarModel
+
+SOURCES = ("auto", "features", "embedding")
+
+
+def _forward(model: CarModel, x: torch.Tensor, source: str) -> torch.Tensor:
+    if source not in SOURCES:
+        raise ValueError(f"embed source must be one of {SOURCES}, got {source!r}")
+    if source == "features" or (source == "auto" and model.embedding is None):
+        return model.forward_features(x)
+    return model.embed(x)
+
+
+def eval_transform(model: CarModel, resize_size: int | None = None):
+    """Resize the shorter side to round(img_size / 0.875) (or `resize_size`), centre-crop, normalise."""
+    p = model.preprocess
+    return build_transform(
+        DataConfig(img_size=p.img_size, resize_size=resize_size), p.mean, p.std, train=False
+    )
+
+
+@torch.inference_mode()
+def embed_dataset(
+    model: CarModel,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    source: str = "auto",
+) -> np.ndarray:
+    """(N, D) float32 embeddings in dataset order. The dataset must already apply the eval transform."""
+    model = model.to(device).eval()
+    channels_last = device == "cpu" or device.startswith("cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=device.startswith("cuda"),
+    )
+    out: list[np.ndarray] = []
+    for batch in loader:
+        x = batch[0] if isinstance(batch, list | tuple) else batch  # (B, 3, S, S)
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(_forward(model, x, source).float().cpu().numpy())  # (B, D)
+    if not out:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+@torch.inference_mode()
+def embed_images(
+    model: CarModel, images: Sequence[Image.Image], device: str = "cpu", source: str = "auto"
+) -> np.ndarray:
+    """(len(images), D) float32 for in-memory RGB images (serve, search, report)."""
+    tf = eval_transform(model)
+    x = torch.stack([tf(im) for im in images]).to(device)  # (B, 3, S, S)
+    model = model.to(device).eval()
+    return np.ascontiguousarray(_forward(model, x, source).float().cpu().numpy(), dtype=np.float32)
