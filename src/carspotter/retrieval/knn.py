@@ -1,7 +1,8 @@
 """kNN search strategies and kNN classification.
 
 The search is a small callable `search(gallery, queries, k, metric) -> (distances, ids)`
-(a pytorch-metric-learning style strategy object), FAISS by default; `brute_force_search` is the slow obvious loop tests compare it with.
+(a pytorch-metric-learning style strategy object), FAISS by default; `brute_force_search` is the
+slow obvious loop the tests compare it with.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def evaluate_knn_run(
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """kNN on a run's embeddings (gallery `gallery_split`, queries `split`) → RUN_DIR/metrics_knn{k}_{metric}.json.
+    """kNN on a run's embeddings (gallery: `gallery_split`, queries: `split`).
+
+    Writes RUN_DIR/metrics_knn{k}_{metric}.json.
 
     predict_time_s counts embedding the queries plus the search, as the reference study's predict time did.
     """
