@@ -45,7 +45,9 @@ RUNS = {
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, dict]:
     mcfg, size = RUNS[request.param]
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     run = make_run(root / "run", mcfg, size)
@@ -111,7 +113,9 @@ def test_cli_refuses_overwrite_and_checks_on_images(tmp_path: Path, tiny_prepare
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path: Path) -> None:
-    res = CliRunner().invoke(build_app(), ["export", str(tmp_path / "nope"), "--onnx", str(tmp_path / "m.onnx")])
+    res = CliRunner().invoke(
+        build_app(), ["export", str(tmp_path / "nope"), "--onnx", str(tmp_path / "m.onnx")]
+    )
     assert res.exit_code == 2
     assert "not a carspotter run directory" in res.output
     assert not (tmp_path / "m.onnx").exists()

@@ -277,3 +277,36 @@ def test_cli_report_writes_and_refuses_clobber(runs: list[Path], tmp_path: Path)
     assert res.exit_code == 2 and "--overwrite" in res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_report_from_a_real_run_and_index(tiny_prepared: Path, tmp_path: Path) -> None:
+    """Real fit → evaluate → index → report: the retrieval grid embeds held-out photos with the run's net."""
+    from carspotter.engine.evaluate import evaluate_run
+    from carspotter.engine.train import fit
+    from carspotter.retrieval import evaluate_index
+    from carspotter.retrieval.build import build_index_from_run
+
+    cfg = apply_overrides(
+        ExperimentConfig(name="tiny-cnn", description="tiny scratch CNN"),
+        {"arch": "scratch_cnn", "model.channels": [8, 16], "model.hidden_dim": 16, "img_size": 32,
+         "batch_size": 8, "epochs": 2, "device": "cpu", "pretrained": False},
+    )  # fmt: skip
+    run = tmp_path / "run"
+    fit(cfg, tiny_prepared, run, progress=False)
+    evaluate_run(run, tiny_prepared, device="cpu")
+    index_dir = tmp_path / "index"
+    build_index_from_run(run, tiny_prepared, split="train", out_dir=index_dir, device="cpu")
+    evaluate_index(index_dir)
+    html = build_report([run], tmp_path / "report", index_dirs=[index_dir]).read_text()
+    assert "held-out test photos embedded by run" in html
+    assert (tmp_path / "report" / "retrieval_index.png").is_file()
+    tables = _tables(html)
+    assert "index index" in tables["Metric learning / retrieval quality"]
+    assert "tiny-cnn" in tables["From scratch"] and "Confusion matrix" in html
+    # Without the run on disk, the grid falls back to gallery photos as queries (no crash, no model).
+    import shutil
+
+    shutil.rmtree(run)
+    html = build_report([], tmp_path / "report2", index_dirs=[index_dir]).read_text()
+    assert "gallery photos as queries" in html and "retrieval_index.png" not in html
+    assert (tmp_path / "report2" / "retrieval_index.png").is_file()

@@ -39,10 +39,10 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "default": Scale(
-        synth={"classes": 24, "per_class": 30, "size": 72, "seed": 0},
-        img_size=64,
+        synth={"classes": 16, "per_class": 30, "size": 64, "seed": 0},
+        img_size=48,
         batch_size=32,
-        epochs={"frozen": 6, "finetune": 3, "progressive": 3, "scratch": 4, "strong": 4},
+        epochs={"frozen": 4, "finetune": 2, "progressive": 3, "scratch": 4, "strong": 4},
         budget_reserve_s=15.0,
     ),
     "tiny": Scale(
@@ -137,6 +137,7 @@ def scale_overrides(
     weights: dict[str, Any],
     backbone: str,
     steps_per_epoch: int,
+    cpu: bool = True,
 ) -> dict[str, Any]:
     """Overrides that shrink one preset to demo size while keeping its recipe (schedule shapes scale too)."""
     o: dict[str, Any] = {}
@@ -177,6 +178,10 @@ def scale_overrides(
         o["model.arch"] = backbone
         o["model.pretrained"] = weights["mode"] == "download"
         o["model.weights"] = weights.get("path")
+        if scale.img_size and cfg.train.amp and cpu:
+            o["train.amp"] = (
+                False  # bf16 autocast measured ~2× slower than fp32 for the backbone at ≤ 64 px on CPU
+            )
     return o
 
 
@@ -277,8 +282,10 @@ def run_demo(
     from carspotter.engine.evaluate import evaluate_run
     from carspotter.engine.train import fit
     from carspotter.presets import load_preset
+    from carspotter.utils import resolve_device
 
     wts = resolve_weights(Path(weights) if weights else None, echo)
+    cpu = resolve_device("auto") == "cpu"
     steps = plan_steps(strong)
     doc: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -352,7 +359,7 @@ def run_demo(
             want = planned[s.name] or cfg.train.epochs
             ep = max(1, round(want * f)) if f < 1 else want
             spe = _steps_per_epoch(data_dir, cfg, sc.batch_size)
-            s.overrides = scale_overrides(cfg, s.family, ep, sc, wts, backbone, spe)
+            s.overrides = scale_overrides(cfg, s.family, ep, sc, wts, backbone, spe, cpu=cpu)
             scaled = apply_overrides(cfg, s.overrides)
             summary = fit(scaled, data_dir, runs / s.name, progress=progress)
             metrics = evaluate_run(runs / s.name, data_dir)
@@ -427,13 +434,26 @@ def _best_run(steps: list[Step], runs: Path) -> Path:
 
 def _evaluate_knn(run_dir: Path, data_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     from carspotter.retrieval.knn import evaluate_knn_run
+    from carspotter.utils import resolve_device
 
-    return evaluate_knn_run(run_dir, data_dir)
+    r = cfg.retrieval
+    return evaluate_knn_run(
+        run_dir,
+        data_dir,
+        k=r.k,
+        metric=r.metric,
+        split=r.query_split,
+        gallery_split=r.gallery_split,
+        device=resolve_device(cfg.train.device),
+        weighting=r.weighting,
+        batch_size=r.batch_size,
+    )
 
 
 def _build_index(run_dir: Path, data_dir: Path, index_dir: Path) -> None:
     from carspotter.engine.checkpoint import read_run_config
-    from carspotter.retrieval.index import build_index_from_run, evaluate_index
+    from carspotter.retrieval import evaluate_index
+    from carspotter.retrieval.build import build_index_from_run
 
     cfg = read_run_config(run_dir)
     build_index_from_run(

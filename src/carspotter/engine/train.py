@@ -447,15 +447,14 @@ def _fit(
     if cache:
         say("frozen backbone, no augmentation: computing pooled features once, training the head on them")
         model.eval()
-        feat_ctx = copy.copy(ctx)
         once = {"batch_size": bs, "num_workers": nw, "seed": seed, "persistent": False}
         plain = make_loader(SeededItems(train_ds, seed, False), eval_sampler(len(train_ds)), **once)
-        tr = evaluate(model.forward_features, plain, feat_ctx, desc="features train")
+        tr = evaluate(model.forward_features, plain, ctx, desc="features train")
         train_items: Any = TensorItems(torch.from_numpy(tr["output"]), torch.from_numpy(tr["label"]))
         val_items: Any = None
         if len(val_ds):
             plain = make_loader(SeededItems(val_ds, seed, False), val_sampler, **once)
-            va = evaluate(model.forward_features, plain, feat_ctx, desc="features val")
+            va = evaluate(model.forward_features, plain, ctx, desc="features val")
             val_items = TensorItems(torch.from_numpy(va["output"]), torch.from_numpy(va["label"]))
         train_loader = make_loader(train_items, sampler, bs, 0, seed, drop_last=metric_task)
         val_loader = make_loader(val_items, val_sampler, bs, 0, seed) if val_items is not None else None

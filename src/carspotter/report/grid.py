@@ -6,6 +6,7 @@ by the same network; otherwise gallery photos are used as queries with their sto
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from carspotter.report.plots import GridCell, retrieval_grid
 
+log = logging.getLogger(__name__)
 THUMB = 112
 
 
@@ -56,27 +58,23 @@ def _query_records(data_root: Path, gallery_splits: set[str]) -> list[dict[str, 
     return []
 
 
-def _search_with_model(index: Any, info: dict[str, Any], queries: list[dict[str, Any]], k: int) -> Any:
-    from carspotter.engine.checkpoint import load_run
-    from carspotter.retrieval.embed import embed_images
-
-    model, _ = load_run(info["run_dir"], "cpu")
-    root = Path(info["data_root"])
+def _search_with_model(index: Any, queries: list[dict[str, Any]], k: int) -> Any:
+    """Embed held-out photos with the network that made the index, then search it."""
     from carspotter.data.images import open_rgb
+    from carspotter.retrieval.embed import embed_images
+    from carspotter.retrieval.query import embedder_for_index
 
+    model = embedder_for_index(index, "cpu")
+    root = Path(index.info["data_root"])
     images = [open_rgb(root / q["path"]) for q in queries]
-    emb = embed_images(model, images, device="cpu")  # (Q, D)
-    return index.search(np.ascontiguousarray(emb, dtype=np.float32), k)
+    emb = embed_images(model, images, device="cpu", source=index.info.get("embed_source", "auto"))  # (Q, D)
+    return index.search(emb, k)
 
 
-def _search_leave_one_out(index_dir: Path, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    fi = faiss.read_index(str(index_dir / "index.faiss"))
-    vecs = np.stack([fi.reconstruct(i) for i in ids]).astype(
-        np.float32
-    )  # (Q, D), already normalised if cosine
-    d, found = fi.search(vecs, k + 1)
+def _search_leave_one_out(index: Any, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery photos as queries with their stored vectors; each query's own entry is dropped."""
+    vecs = np.ascontiguousarray(index.vectors()[ids], dtype=np.float32)  # (Q, D)
+    d, found = index.search(vecs, k + 1)
     out_d, out_i = [], []
     for q, row_d, row_i in zip(ids, d, found, strict=True):
         keep = [(a, b) for a, b in zip(row_d, row_i, strict=True) if b != q and b >= 0][:k]
@@ -95,19 +93,26 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
     root = Path(info.get("data_root", ""))
     run_dir = info.get("run_dir")
     queries: list[dict[str, Any]] = []
-    if run_dir and (Path(run_dir) / "model.json").is_file() and (root / "manifest.csv").is_file():
+    if (root / "manifest.csv").is_file():
         queries = _pick(_query_records(root, {str(m.get("split")) for m in meta}), n_queries)
+    searched = None
     if queries:
-        dist, ids = _search_with_model(index, info, queries, k)
+        try:
+            searched = _search_with_model(index, queries, k)
+        except (OSError, ValueError) as e:  # the run/weights are not on this machine: fall back below
+            log.info("retrieval examples: cannot embed new queries (%s); using gallery photos", e)
+    if searched is not None:
+        dist, ids = searched
+        who = Path(run_dir).name if run_dir else str(info.get("backbone", "the index's network"))
         how = (
-            f"{len(queries)} held-out {queries[0]['split']} photos embedded by {Path(run_dir).name}; "
+            f"{len(queries)} held-out {queries[0]['split']} photos embedded by {who}; "
             f"top-{k} of {len(meta)} gallery photos"
         )
         q_paths = [root / q["path"] for q in queries]
     else:
         chosen = _pick([dict(m, _id=i) for i, m in enumerate(meta)], n_queries)
         queries = chosen
-        dist, ids = _search_leave_one_out(index_dir, [int(c["_id"]) for c in chosen], k)
+        dist, ids = _search_leave_one_out(index, [int(c["_id"]) for c in chosen], k)
         how = f"{len(queries)} gallery photos as queries (themselves excluded); top-{k} of {len(meta)}"
         q_paths = [root / q["path"] for q in queries]
     rows = []

@@ -1,0 +1,75 @@
+"""`carspotter demo` end to end at a tiny scale: every run dir, the index and a report with numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from carspotter.config import apply_overrides
+from carspotter.demo import SCALES, plan_steps, scale_overrides
+from carspotter.presets import load_preset
+
+
+def test_plan_covers_the_nine_reference_experiments_and_a_strong_recipe() -> None:
+    steps = plan_steps()
+    prefixes = [s.name.split("-")[0] + "-" + s.name.split("-")[1] for s in steps]
+    assert prefixes[:9] == [f"seed-{g}{i}" for g in "trs" for i in (1, 2, 3)]
+    assert steps[-1].name.startswith("strong-")
+    knn = {s.name[:7]: s.network_from for s in steps if s.kind == "knn"}
+    assert knn["seed-r1"].startswith("seed-t2") and knn["seed-r2"].startswith("seed-t2")
+    assert knn["seed-r3"].startswith("seed-t3")
+
+
+def test_scaling_keeps_the_recipe_shape() -> None:
+    cfg = load_preset(next(s.preset for s in plan_steps() if s.name.startswith("seed-t3")))
+    o = scale_overrides(cfg, "progressive", 3, SCALES["default"], {"mode": "random"}, "resnet10t", 10)
+    scaled = apply_overrides(cfg, o)
+    assert scaled.train.epochs == 3 and scaled.data.img_size == SCALES["default"].img_size
+    sched = scaled.model.unfreeze_schedule
+    assert sched[0] == 0 and max(sched) <= 2 and sched[max(sched)] == -1  # still head → … → all
+    assert list(sched.values()) == sorted(sched.values(), key=lambda n: 99 if n < 0 else n)
+    assert scaled.schedule.step_size < cfg.schedule.step_size
+    assert scaled.model.arch == "resnet10t" and scaled.model.pretrained is False
+    o = scale_overrides(
+        cfg, "progressive", 3, SCALES["default"], {"mode": "file", "path": "/w.safetensors"}, "x", 10
+    )
+    assert o["model.weights"] == "/w.safetensors"
+
+
+@pytest.mark.slow
+def test_demo_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carspotter.demo import run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on an offline machine: no download is even tried
+
+    lines: list[str] = []
+    out = tmp_path / "demo"
+    doc = run_demo(out, scale="tiny", budget_s=60, echo=lines.append)
+    text = "\n".join(lines)
+    steps = plan_steps()
+    for s in steps:
+        run = out / "runs" / s.name
+        assert (run / "config.yaml").is_file() and (run / "model.json").is_file(), s.name
+        if s.kind == "train":
+            assert (run / "metrics.json").is_file() and (run / "predictions.csv").is_file()
+        else:
+            assert list(run.glob("metrics_knn*.json")), s.name
+        assert re.search(rf"{re.escape(s.name)}\s.*test acc\s+\d+\.\d %\s+\d+\.\d s", text), s.name
+    assert (out / "index" / "index.faiss").is_file() and (out / "index" / "metrics.json").is_file()
+    plan = json.loads((out / "demo.json").read_text())
+    assert plan == json.loads(json.dumps(doc)) and len(plan["steps"]) == len(steps)
+    assert all(st["overrides"] for st in plan["steps"] if st["kind"] == "train")
+    html = (out / "report" / "report.html").read_text()
+    for title in ("Transfer learning", "Retrieval (kNN)", "From scratch", "Hyperparameters"):
+        table = re.search(rf"<h[23]>{re.escape(title)}</h[23]>\s*<table>(.*?)</table>", html, re.S)
+        assert table, title
+        assert re.search(r">\d+\.\d %<", table.group(1)), f"{title} has no numbers"
+    assert "data:image/png;base64," in html and "retrieval_index.png" not in html
+    assert "RANDOM" in text and "random weights" in html.lower()  # offline: said plainly in both places
+    serve = plan["serve_command"]
+    assert serve.startswith("carspotter serve ") and "--index" in serve and serve in text
+    with pytest.raises(FileExistsError):
+        run_demo(out, scale="tiny", echo=lines.append)
