@@ -72,6 +72,20 @@ def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32, reps: 
     return 2 * n**3 / best / 1e9
 
 
+def conv1x1_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """The same n³ product as a channels_last 1x1 convolution, which runs on oneDNN rather than MKL's sgemm.
+
+    On AMD CPUs MKL's sgemm does not use its AVX-512 kernels, so this is the higher of the two fp32 peaks.
+    """
+    import torch.nn.functional as F
+
+    x = torch.randn(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)  # n "pixels"
+    w = torch.randn(n, n, 1, 1)
+    F.conv2d(x, w)
+    best = min(timeit(lambda: F.conv2d(x, w), reps))
+    return 2 * n**3 / best / 1e9
+
+
 def model_flops(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
     """FLOPs of one call (FlopCounterMode counts a multiply-add as 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -99,7 +113,7 @@ def goal(ok: bool) -> str:
 
 
 def synthetic_prepared(root: Path, n_images: int, size: int = 128) -> Path:
-    """A prepared dataset of generated car drawings (about `n_images`, all splits), for runs without --data."""
+    """A prepared dataset of about `n_images` generated car drawings (all splits), for runs without --data."""
     from carspotter.data.synth import make_synthetic
 
     classes = max(4, min(24, n_images // 8))

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import (
     bf16_native,
+    conv1x1_peak_gflops,
     goal,
     load_str,
     machine_line,
@@ -114,8 +115,9 @@ def compare(args: argparse.Namespace, arch: str, size: int, root: Path, records:
             naive_r.append(n / t_naive)
             fast_r.append(n / t_fast)
             fold_r.append(n / t_fold)
-        if not args.smoke:  # the peak too is taken at its least disturbed moment
+        if not args.smoke:  # the peaks too are taken at their least disturbed moment
             peaks["fp32"] = max(peaks["fp32"], matmul_peak_gflops(2048, torch.float32, reps=1))
+            peaks["fp32_conv"] = max(peaks["fp32_conv"], conv1x1_peak_gflops(2048, reps=1))
     assert e_naive is not None and e_fast is not None
     if e_naive.shape != e_fast.shape:
         raise SystemExit(
@@ -130,20 +132,27 @@ def compare(args: argparse.Namespace, arch: str, size: int, root: Path, records:
     achieved = max(fast_r) * flops / 1e9
     frac32 = achieved / peaks["fp32"]
     name = f"{arch}@{size}"
-    print(f"\n== {name}: {n} images, {flops / 1e9:.3f} GFLOP/image, carspotter batch {args.batch_size}, "
-          f"workers {args.num_workers}; {load_str()}")  # fmt: skip
+    print(
+        f"\n== {name}: {n} images, {flops / 1e9:.3f} GFLOP/image, carspotter batch {args.batch_size}, "
+        f"workers {args.num_workers}; {load_str()}"
+    )
     print(f"naive loop  img/s: {rate_summary(naive_r)}")
     print(f"carspotter  img/s: {rate_summary(fast_r)}")
+    fold_frac = max(fold_r) * flops / 1e9 / peaks["fp32"]
     print(
         f"carspotter + BN fold ({n_folded} BN; proposed) img/s: {rate_summary(fold_r)} "
-        f"= {max(fold_r) / max(naive_r):.2f}x naive, {max(fold_r) * flops / 1e9 / peaks['fp32']:.0%} of fp32 peak"
+        f"= {max(fold_r) / max(naive_r):.2f}x naive, {fold_frac:.0%} of fp32 peak"
     )
     print(f"agreement: max abs diff {diff:.2e}, min cosine {cos.min():.6f}")
-    print(f"RATIO {name}: carspotter/naive = {ratio_best:.2f}x best-vs-best ({ratio_med:.2f}x median) "
-          f"-> goal >= {RATIO_GOAL}x {goal(ratio_best >= RATIO_GOAL)}")  # fmt: skip
-    roof = f"ROOFLINE {name}: {achieved:.1f} GFLOP/s = {100 * frac32:.0f}% of fp32 matmul peak {peaks['fp32']:.1f}"
+    print(
+        f"RATIO {name}: carspotter/naive = {ratio_best:.2f}x best-vs-best ({ratio_med:.2f}x median) "
+        f"-> goal >= {RATIO_GOAL}x {goal(ratio_best >= RATIO_GOAL)}"
+    )
+    roof = f"ROOFLINE {name}: {achieved:.1f} GFLOP/s = {frac32:.0%} of fp32 matmul peak {peaks['fp32']:.1f}"
+    roof += f" ({achieved / peaks['fp32_conv']:.0%} of fp32 1x1-conv peak {peaks['fp32_conv']:.1f}"
     if "bf16" in peaks:
-        roof += f" ({100 * achieved / peaks['bf16']:.0f}% of bf16 peak {peaks['bf16']:.1f})"
+        roof += f", {achieved / peaks['bf16']:.0%} of bf16 matmul peak {peaks['bf16']:.1f}"
+    roof += ")"
     if arch == "resnet50":
         roof += f" -> goal >= {100 * ROOFLINE_GOAL:.0f}% {goal(frac32 >= ROOFLINE_GOAL)}"
     print(roof)
@@ -283,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data: {root} ({len(records)} images, split {args.split})")
         peak_n = 256 if args.smoke else 2048
         peaks = {"fp32": matmul_peak_gflops(peak_n, torch.float32, reps=2 if args.smoke else 5)}
+        peaks["fp32_conv"] = conv1x1_peak_gflops(peak_n, reps=2 if args.smoke else 5)
         if bf16_native():
             peaks["bf16"] = matmul_peak_gflops(peak_n, torch.bfloat16, reps=2 if args.smoke else 5)
         print(
-            "peak: torch.matmul %d^3 best-of-N: " % peak_n
-            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+            f"peak (n={peak_n}, best-of-N): fp32 torch.matmul {peaks['fp32']:.1f}, fp32 1x1 conv (oneDNN) "
+            f"{peaks['fp32_conv']:.1f}, bf16 torch.matmul {peaks.get('bf16', float('nan')):.1f} GFLOP/s"
         )
         for spec in args.models.split(","):
             arch, _, size = spec.partition("@")

@@ -85,7 +85,7 @@ def time_loop(fn: Callable[[], Any], device: torch.device, warmup: int, steps: i
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--arch", default="resnet50", help="any timm model (--smoke: test_resnet)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=256, help="train batch")
     ap.add_argument("--embed-batch-size", type=int, default=512)
@@ -100,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="CPU, tiny shapes, no compile: proves the script runs"
     )
     args = ap.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # timm's tiny test_resnet: same code path, seconds on a CPU
+        args.arch = "test_resnet" if args.arch == "resnet50" else args.arch
         args.img_size, args.batch_size, args.embed_batch_size = 32, 2, 2
         args.steps, args.warmup, args.no_compile = 2, 1, True
         args.device = "cpu" if args.device == "auto" else args.device
     budget = Budget(args.budget_s)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if device.type != "cuda" and not args.smoke:
         print("error: no CUDA device here; this benchmark is for a GPU machine (use --smoke for a CPU check)")
         return 2
@@ -114,11 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
-    print(
-        f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}; peak {args.peak_tflops} TFLOP/s bf16"
-    )
-    res: dict[str, Any] = {"device": name, "torch": torch.__version__, "arch": args.arch, "img_size": args.img_size,
-                           "peak_tflops": args.peak_tflops, "phases": {}}  # fmt: skip
+    print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"peak: {args.peak_tflops} TFLOP/s (bf16 dense)")
+    res: dict[str, Any] = {
+        "device": name,
+        "torch": torch.__version__,
+        "arch": args.arch,
+        "img_size": args.img_size,
+        "peak_tflops": args.peak_tflops,
+        "phases": {},
+    }
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch=args.arch, pretrained=False), N_CLASSES, args.img_size)
@@ -158,11 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     def record(key: str, r: dict, n_img: int, flops: float) -> None:
         ips = n_img / r["step_s"]
         tflops = ips * flops / 1e12
-        row = {"img_per_s": ips, "tflops": tflops, "mfu": tflops / args.peak_tflops, "step_s": r["step_s"],
-               "steps": r["steps"], "warmup_s": r["warmup_s"]}  # fmt: skip
+        row = {
+            "img_per_s": ips,
+            "tflops": tflops,
+            "mfu": tflops / args.peak_tflops,
+            "step_s": r["step_s"],
+            "steps": r["steps"],
+            "warmup_s": r["warmup_s"],
+        }
         res["phases"][key] = row
-        print(f"RESULT {key:<16} {ips:9.1f} img/s  {tflops:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  "
-              f"(median of {r['steps']} steps; warm-up {r['warmup_s']:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"RESULT {key:<16} {ips:9.1f} img/s  {tflops:7.2f} TFLOP/s  MFU {100 * row['mfu']:5.1f}%  "
+            f"(median of {r['steps']} steps; warm-up {r['warmup_s']:.1f} s)",
+            flush=True,
+        )
 
     def affordable(key: str, est_s: float) -> bool:
         if est_s < budget.left() - 10:
@@ -202,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 res["embed_compiled_rel_err"] = err
                 ok = err < 5e-2
-                print(f"check: compiled vs eager embeddings, max abs diff / max |value| = {err:.2e} "
-                      f"({'ok' if ok else 'MISMATCH'})")  # fmt: skip
+                verdict = "ok" if ok else "MISMATCH"
+                print(f"check: compiled vs eager embeddings, max|diff| / max|value| = {err:.2e} ({verdict})")
                 record("embed_compiled", r, ebs, f_inf)
                 if not ok:
                     res["phases"]["embed_compiled"]["mismatch"] = True
@@ -218,12 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         res[f"best_{kind}"] = best
         if f"{kind}_compiled" in ph:
-            ratio = ph[f"{kind}_compiled"]["img_per_s"] / ph[f"{kind}_eager"]["img_per_s"]
-            print(f"RATIO {kind}: compiled/eager = {ratio:.2f}x; best {best}: {ph[best]['img_per_s']:.1f} img/s, "
-                  f"MFU {100 * ph[best]['mfu']:.1f}%")  # fmt: skip
+            how = f"{ph[f'{kind}_compiled']['img_per_s'] / ph[f'{kind}_eager']['img_per_s']:.2f}x"
         else:
-            print(f"RATIO {kind}: compiled/eager = n/a (not compiled); best {best}: "
-                  f"{ph[best]['img_per_s']:.1f} img/s, MFU {100 * ph[best]['mfu']:.1f}%")  # fmt: skip
+            how = "n/a (not compiled)"
+        ips, mfu = ph[best]["img_per_s"], ph[best]["mfu"]
+        print(f"RATIO {kind}: compiled/eager = {how}; best {best}: {ips:.1f} img/s, MFU {100 * mfu:.1f}%")
     if device.type == "cuda":
         res["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory {res['max_memory_gib']:.1f} GiB")

@@ -343,3 +343,16 @@ def test_early_stopping_and_resume_of_a_stopped_run(tiny_prepared, tmp_path):
     assert s["stopped_early"] and s["epochs_completed"] == 3 and s["best_epoch"] == 1
     again = fit(cfg, tiny_prepared, tmp_path / "run", resume=True, progress=False)
     assert again["epochs_completed"] == 3
+
+
+def test_cli_evaluate_knn_and_predict(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_cfg(epochs=1), tiny_prepared, run, progress=False)
+    app = build_app()
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--knn", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (run / "metrics_knn1_euclidean.json").is_file()
+    img = tiny_prepared / "images" / "c0_000.jpg"
+    res = CliRunner().invoke(app, ["predict", str(run), str(img), "--k", "2"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "Class" in res.output and "%" in res.output

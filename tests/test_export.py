@@ -57,7 +57,7 @@ def exported(
 
 def test_onnxruntime_matches_pytorch_for_batch_1_and_3(exported: tuple[Path, Path, dict]) -> None:
     run, onnx_path, report = exported
-    model, info = load_run(run)
+    model, _ = load_run(run)
     size = model.preprocess.img_size
     sess = ort_session(onnx_path)
     assert [i.name for i in sess.get_inputs()] == ["input"]
@@ -103,7 +103,7 @@ def test_cli_refuses_overwrite_and_checks_on_images(tmp_path: Path, tiny_prepare
     assert out.read_bytes() == b"keep me"
 
     args = ["export", str(run), "--onnx", str(out), "--overwrite", "--img-size", "40",
-            "--check-images", str(tiny_prepared / "images"), "--max-check-images", "5"]  # fmt: skip
+            "--check-images", str(tiny_prepared), "--max-check-images", "5"]  # fmt: skip
     res = runner.invoke(build_app(), args)
     assert res.exit_code == 0, res.output
     assert "parity vs onnxruntime on 5 images" in res.output

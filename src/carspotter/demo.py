@@ -39,10 +39,10 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "default": Scale(
-        synth={"classes": 16, "per_class": 30, "size": 64, "seed": 0},
+        synth={"classes": 16, "per_class": 40, "size": 64, "seed": 0},
         img_size=48,
         batch_size=32,
-        epochs={"frozen": 4, "finetune": 2, "progressive": 3, "scratch": 4, "strong": 4},
+        epochs={"frozen": 6, "finetune": 3, "progressive": 4, "scratch": 6, "strong": 6},
         budget_reserve_s=15.0,
     ),
     "tiny": Scale(
@@ -61,7 +61,7 @@ SCALES: dict[str, Scale] = {
     ),
 }
 # Relative cost of one epoch per family (fine-tuning the small backbone = 1), refined by measurement.
-REL_COST = {"frozen": 0.1, "finetune": 1.0, "progressive": 0.7, "scratch": 0.35, "strong": 0.9, "knn": 0.3}
+REL_COST = {"frozen": 0.1, "finetune": 1.0, "progressive": 0.75, "scratch": 0.4, "strong": 0.8, "knn": 0.4}
 # Extra channel-width cut for the strong from-scratch recipe at demo scale (its 5 wide blocks cost ~4× the
 # small backbone at 64 px); an override on the preset, recorded in demo.json like every other.
 STRONG_DEMO_CHANNELS = [32, 64, 128, 192, 256]
@@ -255,6 +255,18 @@ def _acc(m: dict[str, Any] | None) -> str:
     return f"{100 * v:5.1f} %" if isinstance(v, int | float) else "  —  "
 
 
+def _threads(requested: int) -> int:
+    """Intra-op threads: on a CPU other processes already use, 2 OpenMP threads that keep waiting for each
+    other measured 4–15× slower than 1 thread here, so "auto" leaves busy cores alone."""
+    import torch
+
+    if requested > 0:
+        return requested
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = (os.cpu_count() or 1) - busy
+    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -265,158 +277,176 @@ def run_demo(
     budget_s: float = 180.0,
     scale: str = "default",
     strong: tuple[str, ...] = ("strong-cnn-scratch",),
+    threads: int = 0,
     echo: Echo = print,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run everything into OUT (data/, runs/<preset>/, index/, report/, demo.json); return demo.json."""
+    import torch
+
     t0 = time.perf_counter()
     if scale not in SCALES:
         raise ValueError(f"--scale {scale!r}: expected one of {', '.join(SCALES)}")
-    sc = SCALES[scale]
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out}: already exists and is not empty; pass --overwrite or choose another --out"
         )
+    steps = plan_steps(strong)  # a missing preset fails here, before anything is written
     out = prepare_out_dir(out, overwrite=overwrite, marker=MARKER).resolve()
-    from carspotter.engine.evaluate import evaluate_run
-    from carspotter.engine.train import fit
-    from carspotter.presets import load_preset
-    from carspotter.utils import resolve_device
+    before = torch.get_num_threads()
+    n_threads = _threads(threads)
+    torch.set_num_threads(n_threads)
+    try:
+        demo = _Demo(out, SCALES[scale], steps, backbone, budget_s, echo, progress, t0)
+        demo.doc.update(scale=scale, threads=n_threads)
+        demo.doc["weights"] = demo.weights = resolve_weights(Path(weights) if weights else None, echo)
+        echo(f"demo: {len(steps)} experiments, budget {budget_s:.0f} s, {n_threads} CPU thread(s) → {out}")
+        demo.prepare_data(Path(data) if data else None)
+        for i, s in enumerate(steps):
+            demo.run_step(i, s)
+        return demo.finish()
+    finally:
+        torch.set_num_threads(before)
 
-    wts = resolve_weights(Path(weights) if weights else None, echo)
-    cpu = resolve_device("auto") == "cpu"
-    steps = plan_steps(strong)
-    doc: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "scale": scale,
-        "budget_s": budget_s,
-        "backbone": backbone,
-        "weights": wts,
-        "data": {},
-        "steps": [],
-    }
 
-    def save() -> None:
-        doc["steps"] = [
-            {
-                "name": s.name,
-                "preset": s.preset,
-                "kind": s.kind,
-                "family": s.family,
-                "overrides": s.overrides,
-                "network_from": s.network_from,
-                "result": s.result,
-            }
+class _Demo:
+    """The demo's state while it runs; every step rewrites OUT/demo.json so a killed demo still says how far
+    it got."""
+
+    def __init__(
+        self, out: Path, sc: Scale, steps: list[Step], backbone: str, budget_s: float, echo: Echo,
+        progress: bool, t0: float,
+    ) -> None:  # fmt: skip
+        from carspotter.presets import load_preset
+        from carspotter.utils import resolve_device
+
+        self.out, self.sc, self.steps, self.backbone, self.echo, self.progress, self.t0 = (
+            out, sc, steps, backbone, echo, progress, t0,
+        )  # fmt: skip
+        self.runs = out / "runs"
+        self.cpu = resolve_device("auto") == "cpu"
+        self.weights: dict[str, Any] = {}
+        self.data_dir = out / "data"
+        self.budget = Budget(budget_s, sc.budget_reserve_s, t0)
+        self.planned = {s.name: sc.epochs.get(s.family) or load_preset(s.preset).train.epochs for s in steps}
+        self.units = {
+            s.name: self.planned[s.name] * REL_COST[s.family] if s.kind == "train" else REL_COST["knn"]
             for s in steps
-        ]
-        doc["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(out / MARKER, doc)
-
-    # --- data -------------------------------------------------------------------------------------------
-    if data is None:
-        from carspotter.data.synth import make_synthetic
-
-        data_dir = out / "data"
-        with_t = time.perf_counter()
-        summary = make_synthetic(data_dir, **sc.synth)
-        doc["data"] = {
-            "dir": str(data_dir),
-            "synthetic": True,
-            "options": sc.synth,
-            "counts": summary.get("counts"),
         }
-        echo(
-            f"data: synthetic {sc.synth['classes']} classes × {sc.synth['per_class']} photos → {data_dir} "
-            f"({time.perf_counter() - with_t:.1f} s)"
-        )
-    else:
-        data_dir = Path(data).resolve()
-        from carspotter.data.manifest import read_manifest
+        self.doc: dict[str, Any] = {
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "budget_s": budget_s,
+            "backbone": backbone,
+            "data": {},
+            "steps": [],
+        }
 
-        read_manifest(data_dir)  # a clear error now, not after the first experiment
-        doc["data"] = {"dir": str(data_dir), "synthetic": False}
-        echo(f"data: {data_dir}")
-    save()
+    def save(self) -> None:
+        keys = ("name", "preset", "kind", "family", "overrides", "network_from", "result")
+        self.doc["steps"] = [{k: getattr(s, k) for k in keys} for s in self.steps]
+        self.doc["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        atomic_write_json(self.out / MARKER, self.doc)
 
-    # --- experiments --------------------------------------------------------------------------------------
-    runs = out / "runs"
-    budget = Budget(budget_s, sc.budget_reserve_s, t0)
-    planned = {s.name: sc.epochs.get(s.family) for s in steps}
-    units = {
-        s.name: (planned[s.name] or load_preset(s.preset).train.epochs) * REL_COST[s.family]
-        if s.kind == "train"
-        else REL_COST["knn"]
-        for s in steps
-    }
-    n = len(steps)
-    for i, s in enumerate(steps, start=1):
-        cfg = load_preset(s.preset)
-        remaining = sum(units[x.name] for x in steps[i - 1 :])
-        f = budget.factor(remaining)
-        t_step = time.perf_counter()
-        if s.kind == "train":
-            want = planned[s.name] or cfg.train.epochs
-            ep = max(1, round(want * f)) if f < 1 else want
-            spe = _steps_per_epoch(data_dir, cfg, sc.batch_size)
-            s.overrides = scale_overrides(cfg, s.family, ep, sc, wts, backbone, spe, cpu=cpu)
-            scaled = apply_overrides(cfg, s.overrides)
-            summary = fit(scaled, data_dir, runs / s.name, progress=progress)
-            metrics = evaluate_run(runs / s.name, data_dir)
-            s.result = {
-                "epochs": summary.get("epochs_completed"),
-                "best_epoch": summary.get("best_epoch"),
-                "val": summary.get("best_value"),
-                "test": _pick(metrics),
-            }
-            u = ep * REL_COST[s.family]
-            desc = f"{ep} ep"
+    def prepare_data(self, data: Path | None) -> None:
+        t = time.perf_counter()
+        if data is None:
+            from carspotter.data.synth import make_synthetic
+
+            summary = make_synthetic(self.data_dir, **self.sc.synth)
+            self.doc["data"] = {"dir": str(self.data_dir), "synthetic": True, "options": self.sc.synth,
+                                "counts": summary.get("counts")}  # fmt: skip
+            self.echo(
+                f"data: synthetic, {self.sc.synth['classes']} classes × {self.sc.synth['per_class']} photos "
+                f"{summary.get('counts')} → {self.data_dir} ({time.perf_counter() - t:.1f} s)"
+            )
         else:
-            src = runs / str(s.network_from)
-            s.overrides = {"model.arch": backbone} if cfg.model.arch != "scratch_cnn" else {}
-            if sc.img_size:
-                s.overrides.update({"data.img_size": sc.img_size, "data.resize_size": None})
-            scaled = apply_overrides(cfg, s.overrides)
-            scaled.data.root = str(data_dir)
-            _make_knn_run(s, scaled, src, runs / s.name)
-            metrics = _evaluate_knn(runs / s.name, data_dir, scaled)
-            s.result = {"test": _pick(metrics), "network_from": s.network_from}
-            u = REL_COST["knn"]
-            desc = f"k={scaled.retrieval.k} {scaled.retrieval.metric}"
-        secs = time.perf_counter() - t_step
-        budget.record(u, secs)
-        units[s.name] = u
+            from carspotter.data.manifest import read_manifest
+
+            self.data_dir = data.resolve()
+            n = len(read_manifest(self.data_dir))  # a clear error now, not after the first experiment
+            self.doc["data"] = {"dir": str(self.data_dir), "synthetic": False, "n_images": n}
+            self.echo(f"data: {self.data_dir} ({n} photos)")
+        self.save()
+
+    def run_step(self, i: int, s: Step) -> None:
+        from carspotter.presets import load_preset
+
+        cfg = load_preset(s.preset)
+        f = self.budget.factor(sum(self.units[x.name] for x in self.steps[i:]))
+        t = time.perf_counter()
+        if s.kind == "train":
+            want = self.planned[s.name]
+            ep = max(1, round(want * f)) if f < 1 else want
+            metrics, desc = self._train(s, cfg, ep), f"{ep} epoch{'s' if ep > 1 else ''}"
+            self.units[s.name] = ep * REL_COST[s.family]
+        else:
+            metrics, desc = self._knn(s, cfg)
+        secs = time.perf_counter() - t
+        self.budget.record(self.units[s.name], secs)
         s.result["seconds"] = round(secs, 1)
-        echo(f"[{i:2d}/{n}] {s.name:<36} {desc:<16} test acc {_acc(metrics)}   {secs:6.1f} s")
-        save()
+        self.echo(
+            f"[{i + 1:2d}/{len(self.steps)}] {s.name:<36} {desc:<16} test acc {_acc(metrics)}  {secs:6.1f} s"
+        )
+        self.save()
 
-    # --- index, report --------------------------------------------------------------------------------------
-    best = _best_run(steps, runs)
-    t_ix = time.perf_counter()
-    index_dir = out / "index"
-    _build_index(best, data_dir, index_dir)
-    doc["index"] = {"dir": str(index_dir), "run": str(best), "seconds": round(time.perf_counter() - t_ix, 1)}
-    echo(
-        f"index: {index_dir} (gallery: train split embedded by {best.name}, "
-        f"{time.perf_counter() - t_ix:.1f} s)"
-    )
-    from carspotter.report import build_report
+    def _train(self, s: Step, cfg: ExperimentConfig, epochs: int) -> dict[str, Any]:
+        from carspotter.engine.evaluate import evaluate_run
+        from carspotter.engine.train import fit
 
-    t_rep = time.perf_counter()
-    html = build_report(
-        [runs / s.name for s in steps], out / "report", index_dirs=[index_dir], title="carspotter demo report"
-    )
-    doc["report"] = str(html)
-    serve = f"carspotter serve {best} --index {index_dir}"
-    doc["serve_command"] = serve
-    save()
-    echo(f"report: {html} ({time.perf_counter() - t_rep:.1f} s)")
-    if wts["mode"] == "random":
-        echo("note: transfer/kNN runs used RANDOM weights (no ImageNet weights); see the report's warning.")
-    echo(f"total: {time.perf_counter() - t0:.1f} s (budget {budget_s:.0f} s)")
-    echo(f"serve the best model ({best.name}) with its gallery:\n  {serve}")
-    sys.stdout.flush()
-    return doc
+        spe = _steps_per_epoch(self.data_dir, cfg, self.sc.batch_size)
+        s.overrides = scale_overrides(
+            cfg, s.family, epochs, self.sc, self.weights, self.backbone, spe, self.cpu
+        )
+        summary = fit(
+            apply_overrides(cfg, s.overrides), self.data_dir, self.runs / s.name, progress=self.progress
+        )
+        metrics = evaluate_run(self.runs / s.name, self.data_dir)
+        s.result = {"epochs": summary.get("epochs_completed"), "best_epoch": summary.get("best_epoch"),
+                    "val": summary.get("best_value"), "test": _pick(metrics)}  # fmt: skip
+        return metrics
+
+    def _knn(self, s: Step, cfg: ExperimentConfig) -> tuple[dict[str, Any], str]:
+        s.overrides = {"model.arch": self.backbone} if cfg.model.arch != "scratch_cnn" else {}
+        if self.sc.img_size:
+            s.overrides.update({"data.img_size": self.sc.img_size, "data.resize_size": None})
+        scaled = apply_overrides(cfg, s.overrides)
+        scaled.data.root = str(self.data_dir)
+        _make_knn_run(s, scaled, self.runs / str(s.network_from), self.runs / s.name)
+        metrics = _evaluate_knn(self.runs / s.name, self.data_dir, scaled)
+        s.result = {"test": _pick(metrics), "network_from": s.network_from}
+        return metrics, f"k={scaled.retrieval.k} {scaled.retrieval.metric}"
+
+    def finish(self) -> dict[str, Any]:
+        from carspotter.report import build_report
+
+        best = _best_run(self.steps, self.runs)
+        t = time.perf_counter()
+        index_dir = self.out / "index"
+        _build_index(best, self.data_dir, index_dir)
+        self.doc["index"] = {
+            "dir": str(index_dir),
+            "run": str(best),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        self.echo(
+            f"index: {index_dir} (train split embedded by {best.name}, {time.perf_counter() - t:.1f} s)"
+        )
+        t = time.perf_counter()
+        html = build_report([self.runs / s.name for s in self.steps], self.out / "report",
+                            index_dirs=[index_dir], title="carspotter demo report")  # fmt: skip
+        serve = f"carspotter serve {best} --index {index_dir}"
+        self.doc.update(report=str(html), serve_command=serve)
+        self.save()
+        self.echo(f"report: {html} ({time.perf_counter() - t:.1f} s)")
+        if self.weights.get("mode") == "random":
+            self.echo("note: the transfer and kNN runs used RANDOM weights (no ImageNet weights available); "
+                      "the report says so too.")  # fmt: skip
+        total = time.perf_counter() - self.t0
+        self.echo(f"total: {total:.1f} s (budget {self.budget.budget_s:.0f} s)")
+        self.echo(f"serve the best model ({best.name}) with its gallery:\n  {serve}")
+        sys.stdout.flush()
+        return self.doc
 
 
 def _pick(m: dict[str, Any] | None) -> dict[str, Any]:

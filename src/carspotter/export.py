@@ -244,12 +244,12 @@ def export_onnx(
 
 
 def image_files(items: Sequence[str | Path]) -> list[Path]:
-    """Files given directly, plus the images inside any directory given (sorted, not recursive)."""
+    """Files given directly, plus the images anywhere under any directory given (sorted)."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file():
             out.append(p)
         else:

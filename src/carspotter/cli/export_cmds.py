@@ -19,7 +19,7 @@ def export(
     check_images: list[Path] = typer.Option(
         [],
         "--check-images",
-        help="Images or a folder of them for the parity check (repeatable); default: random tensors.",
+        help="Images or folders (searched recursively) for the parity check; default: random tensors.",
     ),
     max_check_images: int = typer.Option(
         16, "--max-check-images", help="Use at most this many check images."
@@ -50,7 +50,8 @@ def export(
         typer.echo(f"  {name:<10} max abs diff {d:.3g}  (max |value| {rep['max_abs_value'][name]:.3g})")
         worst = max(worst, d)
     if worst > atol:
-        typer.echo(f"error: parity check failed: max abs diff {worst:.3g} > --atol {atol:g}", err=True)
+        msg = f"error: parity check failed: max abs diff {worst:.3g} > --atol {atol:g} ({onnx} kept)"
+        typer.echo(msg, err=True)
         raise typer.Exit(1)
 
 

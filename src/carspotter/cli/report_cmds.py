@@ -48,6 +48,9 @@ def demo(
     budget_s: float = typer.Option(
         180.0, "--budget-s", help="Time budget in seconds; epochs are scaled to fit."
     ),
+    threads: int = typer.Option(
+        0, "--threads", help="CPU threads for torch; 0 = auto (leaves busy cores alone)."
+    ),
     scale: str = typer.Option(
         "default", "--scale", help="default | tiny (a smoke test) | full (preset epochs)."
     ),
@@ -64,6 +67,7 @@ def demo(
         overwrite=overwrite,
         budget_s=budget_s,
         scale=scale,
+        threads=threads,
         echo=typer.echo,
     )
 
