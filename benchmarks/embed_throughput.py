@@ -246,16 +246,26 @@ def ablation(base: CarModel, ds: Dataset, size: int, flops: float, args: argpars
     print(f"-- ablation, loader only (decode + resize + crop + normalise, batch {bs}; img/s best / median):")
     for name, r in _interleaved(loads, max(1, reps - 1)).items():
         print(f"   {name:<42} {max(r):8.1f} / {statistics.median(r):8.1f}")
-    e2e = {}
-    for nw in (0, 1):
-        e2e[f"embed_dataset, workers {nw}"] = (
-            (lambda nw=nw: carspotter_embed(copy.deepcopy(cl), ds, bs, nw)),
-            n,
-        )
-        e2e[f"embed_dataset + BN fold, workers {nw}"] = (
-            (lambda nw=nw: carspotter_embed(folded, ds, bs, nw)),
-            n,
-        )
+
+    def one_thread(fn):
+        def f():
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(prev)
+
+        return f
+
+    e2e = {
+        f"embed_dataset (batch {bs}, workers 0)": (lambda: carspotter_embed(cl, ds, bs, 0), n),
+        f"embed_dataset (batch {bs}, workers 1)": (lambda: carspotter_embed(cl, ds, bs, 1), n),
+        "+ BN fold": (lambda: carspotter_embed(folded, ds, bs, 0), n),
+        "+ BN fold, batch 16": (lambda: carspotter_embed(folded, ds, 16, 0), n),
+        "+ BN fold, batch 16, 1 thread": (one_thread(lambda: carspotter_embed(folded, ds, 16, 0)), n),
+        "+ BN fold, b16, 1 thread, 1 worker": (one_thread(lambda: carspotter_embed(folded, ds, 16, 1)), n),
+    }
     print(f"-- ablation, whole path ({n} images; img/s best / median, GFLOP/s):")
     for name, r in _interleaved(e2e, max(1, reps - 1)).items():
         print(f"   {name:<42} {max(r):8.1f} / {statistics.median(r):8.1f}   {max(r) * flops / 1e9:7.1f}")

@@ -13,6 +13,9 @@ eager numbers still printed. Exit status 0 when the eager numbers were measured.
     python benchmarks/gpu_train_throughput.py                      # on the GPU machine
     python benchmarks/gpu_train_throughput.py --batch-size 384 --json "$OUT/gpu.json"
     python benchmarks/gpu_train_throughput.py --smoke              # CPU, tiny: proves the script runs
+
+Needs torch (with CUDA), timm and PyYAML on the GPU host; carspotter itself is taken from this
+checkout's src/ when it is not installed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+try:
+    import carspotter  # noqa: F401
+except ImportError:  # a bare GPU host with torch + timm but without the package installed: use the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from carspotter.config import ModelConfig
 from carspotter.models.factory import CarModel, create_model

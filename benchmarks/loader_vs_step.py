@@ -148,6 +148,34 @@ def e2e_rate(step: Stepper, loader, max_batches: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def guard_ablation(cfg: ExperimentConfig, root: Path, model: CarModel, args: argparse.Namespace) -> None:
+    """What PreparedDataset's one-thread transforms buy in the main process (num_workers=0): the same
+    loader with the guard replaced by a no-op, the two taking turns so both see the same load."""
+    import carspotter.data.dataset as dataset_mod
+
+    guard = dataset_mod.single_thread
+    variants = {
+        "one thread (guard)": guard,
+        f"{torch.get_num_threads()} threads (no guard)": contextlib.nullcontext,
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for _ in range(args.reps):
+            for name, ctx in variants.items():
+                dataset_mod.single_thread = ctx  # type: ignore[assignment]
+                rates[name].append(loader_rate(loader_for(cfg, root, model, 0), args.batches))
+    finally:
+        dataset_mod.single_thread = guard  # type: ignore[assignment]
+    for name, r in rates.items():
+        med = statistics.median(r)
+        print(f"loader num_workers=0, transforms on {name:<22} {max(r):8.1f} img/s (median {med:.1f})")
+    ra, rb = rates.values()
+    print(
+        f"RATIO guard: one-thread / multi-thread transforms = {max(ra) / max(rb):.2f}x "
+        f"({statistics.median(ra) / statistics.median(rb):.2f}x median)"
+    )
+
+
 def run_preset(spec: str, root: Path, n_classes: int, args: argparse.Namespace) -> None:
     cfg = preset_cfg(spec, args.batch_size)
     model = build_model(cfg, n_classes)
@@ -172,6 +200,8 @@ def run_preset(spec: str, root: Path, n_classes: int, args: argparse.Namespace) 
     verdict = "met" if ratio >= GOAL else "NOT met"
     with0 = f"; {rates[0] / s_rate:.2f}x with 0" if 0 in rates else ""
     print(f"RATIO {spec}: loader/step = {ratio:.2f}x (workers={best_nw}{with0}) -> goal {GOAL}x {verdict}")
+    if args.guard_ablation:
+        guard_ablation(cfg, root, model, args)
     if args.e2e:
         for nw in args.workers:
             r = e2e_rate(step, loader_for(cfg, root, model, nw), args.batches)
@@ -190,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="loader passes per num_workers (best is reported)")
     ap.add_argument("--workers", default="0,1,2", help="num_workers values to time")
     ap.add_argument("--e2e", action="store_true", help="also time loader + steps together")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument(
+        "--guard-ablation",
+        action="store_true",
+        help="num_workers=0 loader with and without PreparedDataset's one-thread transforms, interleaved",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny and fast: proves the script works")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -202,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.workers = "0,1"
     args.workers = [int(w) for w in str(args.workers).split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine_line())
     with contextlib.ExitStack() as stack:
         root = args.data

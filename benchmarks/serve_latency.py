@@ -31,14 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 def build_synthetic(root: Path) -> tuple[Path, Path, Path]:
     """A scratch-CNN run and a gallery index over the generated test dataset (as the tests build them)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from carspotter.retrieval.embed import embed_images
-    from carspotter.retrieval.index import GalleryIndex
-
     from carspotter.config import ExperimentConfig, ModelConfig
     from carspotter.data.images import open_rgb
     from carspotter.data.manifest import read_manifest, split_records
     from carspotter.engine.checkpoint import model_info, save_model_json, save_weights
     from carspotter.models.factory import create_model
+    from carspotter.retrieval.embed import embed_images
+    from carspotter.retrieval.index import GalleryIndex
     from conftest import make_tiny_prepared
 
     data = make_tiny_prepared(root / "prepared", n_classes=8, per_class=16, size=64)
@@ -67,7 +66,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(run: Path, index: Path | None, max_batch: int, device: str) -> Iterator[str]:
+def server(run: Path, index: Path | None, max_batch: int, device: str, threads: int) -> Iterator[str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -80,7 +79,8 @@ def server(run: Path, index: Path | None, max_batch: int, device: str) -> Iterat
         "--log-level",
         "warning",
     ]
-    cmd += ["--max-batch", str(max_batch), "--device", device] + (["--index", str(index)] if index else [])
+    cmd += ["--max-batch", str(max_batch), "--device", device, "--threads", str(threads)]
+    cmd += ["--index", str(index)] if index else []
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--compare-batching", action="store_true", help="also run with --max-batch 1")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (0 = torch default)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,9 +194,9 @@ def main() -> None:
         configs = [args.max_batch] + ([1] if args.compare_batching and args.max_batch != 1 else [])
         results = {}
         for mb in configs:
-            with server(run, index, mb, args.device) as url:
+            with server(run, index, mb, args.device, args.threads) as url:
                 results[mb] = run_suite(url, photo, endpoints, args.clients, args.requests)
-            print_table(f"--max-batch {mb}", results[mb], endpoints, args.clients)
+            print_table(f"--max-batch {mb} --threads {args.threads}", results[mb], endpoints, args.clients)
         if len(configs) == 2:
             hi = max(args.clients)
             for ep in endpoints:

@@ -11,7 +11,9 @@ from PIL import Image
 from carspotter.data.manifest import Record, write_manifest
 
 
-def make_tiny_prepared(root: Path, n_classes: int = 4, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+def make_tiny_prepared(
+    root: Path, n_classes: int = 4, per_class: int = 8, size: int = 32, seed: int = 0
+) -> Path:
     """A learnable toy prepared dataset: each class is a distinct coloured stripe pattern plus noise.
 
     Splits per class: half train, a quarter val, a quarter test.

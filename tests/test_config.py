@@ -1,6 +1,13 @@
 import pytest
 
-from carspotter.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, load_config, parse_set_args
+from carspotter.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_set_args,
+)
 
 
 def test_roundtrip(tmp_path):
@@ -20,5 +27,5 @@ def test_unknown_field_is_named(tmp_path):
 
 
 def test_bad_type_is_named():
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
         apply_overrides(ExperimentConfig(), parse_set_args(["train.epochs=many"]))

@@ -54,22 +54,66 @@ def test_demo_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         run = out / "runs" / s.name
         assert (run / "config.yaml").is_file() and (run / "model.json").is_file(), s.name
         if s.kind == "train":
-            assert (run / "metrics.json").is_file() and (run / "predictions.csv").is_file()
+            assert (run / "metrics.json").is_file(), s.name
+            assert (run / "predictions.csv").is_file() or s.family == "metric", s.name
         else:
             assert list(run.glob("metrics_knn*.json")), s.name
-        assert re.search(rf"{re.escape(s.name)}\s.*test acc\s+\d+\.\d %\s+\d+\.\d s", text), s.name
+        assert re.search(rf"{re.escape(s.name)}\s.*test (acc|R@1)\s+\d+\.\d %\s+\d+\.\d s", text), s.name
     assert (out / "index" / "index.faiss").is_file() and (out / "index" / "metrics.json").is_file()
     plan = json.loads((out / "demo.json").read_text())
     assert plan == json.loads(json.dumps(doc)) and len(plan["steps"]) == len(steps)
     assert all(st["overrides"] for st in plan["steps"] if st["kind"] == "train")
     html = (out / "report" / "report.html").read_text()
-    for title in ("Transfer learning", "Retrieval (kNN)", "From scratch", "Hyperparameters"):
+    tables = {}
+    metric_title = "Metric learning / retrieval quality"
+    for title in ("Transfer learning", "Retrieval (kNN)", "From scratch", metric_title, "Hyperparameters"):
         table = re.search(rf"<h[23]>{re.escape(title)}</h[23]>\s*<table>(.*?)</table>", html, re.S)
         assert table, title
-        assert re.search(r">\d+\.\d %<", table.group(1)), f"{title} has no numbers"
+        tables[title] = table.group(1)
+    for title in ("Transfer learning", "Retrieval (kNN)", "From scratch"):  # every row has a test accuracy
+        rows = re.findall(r"<tr>(.*?)</tr>", tables[title], re.S)[1:]
+        assert rows and all(re.search(r">\d+\.\d %<", r) for r in rows), title
+    assert re.search(r">\d+\.\d %<", tables[metric_title])
+    assert f'<td class="num">{SCALES["tiny"].img_size}</td>' in tables["Hyperparameters"]
     assert "data:image/png;base64," in html and "retrieval_index.png" not in html
     assert "RANDOM" in text and "random weights" in html.lower()  # offline: said plainly in both places
     serve = plan["serve_command"]
     assert serve.startswith("carspotter serve ") and "--index" in serve and serve in text
     with pytest.raises(FileExistsError):
         run_demo(out, scale="tiny", echo=lines.append)
+
+
+def test_budget_scales_only_the_epochs_that_fit() -> None:
+    import time
+
+    from carspotter.demo import Budget
+
+    b = Budget(budget_s=100, reserve_s=10, t0=time.perf_counter())
+    assert b.factor(10) == 1.0  # nothing measured yet: run as planned
+    b.record(units=2, secs=20)  # 10 s per unit
+    # 100 - 10 reserve - 20 fixed (2 units) = 70 s left for 8 scalable units (80 s) → 7/8.
+    assert abs(b.factor(10, fixed_units=2) - 0.875) < 0.01
+    assert b.factor(1) == 1.0 and b.factor(100, 99) == 0.0
+    # A prior damps the first (start-up heavy) measurement: 2 units at 10 s + 2 prior units at 5 s.
+    p = Budget(budget_s=100, reserve_s=10, t0=time.perf_counter(), prior_spu=5.0, prior_units=2.0)
+    assert p.factor(1000) == 1.0  # still nothing measured
+    p.record(units=2, secs=20)
+    assert abs(p.sec_per_unit() - 7.5) < 1e-9
+
+
+def test_knn_config_reuses_the_network_and_keeps_the_knn_identity() -> None:
+    from carspotter.demo import config_diff, knn_config
+
+    steps = {s.name[:7]: s for s in plan_steps()}
+    knn = load_preset(steps["seed-r3"].preset)
+    net = apply_overrides(load_preset(steps["seed-t3"].preset), {"arch": "resnet10t", "epochs": 2})
+    cfg = knn_config(knn, net)
+    assert (cfg.name, cfg.task, cfg.reference, cfg.retrieval) == (
+        knn.name,
+        "knn",
+        knn.reference,
+        knn.retrieval,
+    )
+    assert cfg.model == net.model and cfg.train.epochs == 2
+    diff = config_diff(knn, cfg)
+    assert diff["model.arch"] == "resnet10t" and "retrieval.k" not in diff and "name" not in diff

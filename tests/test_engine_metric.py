@@ -13,8 +13,6 @@ from carspotter.engine import train as train_mod
 from carspotter.engine.evaluate import evaluate_run
 from carspotter.engine.train import fit
 
-pytest.importorskip("carspotter.retrieval.losses")
-
 METRIC = {
     "task": "metric",
     "model.arch": "scratch_cnn",

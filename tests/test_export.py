@@ -119,3 +119,13 @@ def test_missing_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "not a carspotter run directory" in res.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_check_images_fail_before_writing(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", RUNS["scratch"][0], 32)
+    out = tmp_path / "m.onnx"
+    args = ["export", str(run), "--onnx", str(out), "--check-images", str(tmp_path / "missing.jpg")]
+    res = CliRunner().invoke(build_app(), args)
+    assert res.exit_code == 2
+    assert "missing.jpg" in res.output
+    assert not out.exists()

@@ -86,3 +86,15 @@ def test_unsafe_patterns_are_not_folded(cls: type[nn.Module]) -> None:
     assert n == 0
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))
+
+
+def test_folding_works_inside_inference_mode() -> None:
+    """embed_dataset runs under torch.inference_mode(); folding must work there too."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet", pretrained=False), 0, img_size=32).eval()
+    _randomise_bn(model)
+    with torch.inference_mode():
+        x = torch.randn(3, 3, 32, 32)  # an inference tensor, as a DataLoader batch would be there
+        folded, n = fold_batchnorm(model, x[:2], lambda m, t: m.embed(t))
+        torch.testing.assert_close(folded.embed(x), model.embed(x), rtol=1e-4, atol=1e-5)
+    assert n > 0

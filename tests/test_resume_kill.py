@@ -74,7 +74,7 @@ def kill_mid_epoch(cmd: list[str], epoch: int, timeout: float = 180) -> str:
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume(tmp_path):
-    data = make_tiny_prepared(tmp_path / "data", n_classes=4, per_class=64, size=48)  # 128 steps per epoch
+    data = make_tiny_prepared(tmp_path / "data", n_classes=4, per_class=48, size=48)  # 96 steps per epoch
     killed, whole = tmp_path / "killed", tmp_path / "whole"
 
     kill_mid_epoch(train_cmd(data, killed), epoch=2)

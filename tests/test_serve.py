@@ -30,7 +30,7 @@ from carspotter.data.manifest import read_manifest, split_records
 from carspotter.engine.checkpoint import model_info, save_model_json, save_weights
 from carspotter.models.factory import create_model
 from carspotter.serve.app import create_app
-from carspotter.serve.inference import MicroBatcher, Predictor
+from carspotter.serve.inference import Busy, MicroBatcher, Predictor
 from conftest import make_tiny_prepared
 
 N_CLASSES = 6
@@ -58,10 +58,9 @@ def serve_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def serve_data(serve_run: dict[str, Path]) -> dict[str, Path]:
     """`serve_run` plus a FAISS gallery index over its train split, embedded with the run's own model."""
+    from carspotter.engine.checkpoint import load_run
     from carspotter.retrieval.embed import embed_images
     from carspotter.retrieval.index import GalleryIndex
-
-    from carspotter.engine.checkpoint import load_run
 
     run, data = serve_run["run"], serve_run["data"]
     model, info = load_run(run)
@@ -486,6 +485,31 @@ def test_batcher_groups_waiting_requests() -> None:
         b.close()
 
 
+def test_batcher_survives_errors_and_refuses_overload() -> None:
+    gate = threading.Event()
+
+    def fn(images: list, ks: list[int]) -> list:
+        gate.wait(10)
+        if "boom" in images:
+            raise RuntimeError("model failed")
+        return list(images)
+
+    b = MicroBatcher({"x": fn}, max_batch=1, max_queue=2)
+    try:
+        first = b.submit("x", "boom", 1)  # taken by the worker, which then blocks on the gate
+        while b._queue.qsize():
+            time.sleep(0.001)
+        queued = [b.submit("x", "a", 1), b.submit("x", "b", 1)]
+        with pytest.raises(Busy, match="busy"):
+            b.submit("x", "c", 1)
+        gate.set()
+        with pytest.raises(RuntimeError, match="model failed"):
+            first.result(10)
+        assert [f.result(10) for f in queued] == ["a", "b"]  # the thread lived on
+    finally:
+        b.close()
+
+
 def test_batched_forward_equals_one_by_one(serve_data: dict[str, Path]) -> None:
     p = Predictor(serve_data["run"], serve_data["index"])
     try:
@@ -565,10 +589,13 @@ def test_page_in_headless_chromium(base_url: str, serve_data: dict[str, Path], t
             names = page.locator("#lookalikes .card .cls").all_text_contents()
             n_ticks = page.locator("#lookalikes .card .match").count()
             assert n_ticks == sum(n == f"Class {top1}" for n in names)
-            page.wait_for_function(
-                "[...document.querySelectorAll('#lookalikes img')]"
-                ".every(i => i.complete && i.naturalWidth > 0)"
-            )
+            imgs = page.locator(
+                "#lookalikes img"
+            )  # thumbnails really load (polled here: the CSP forbids eval)
+            deadline = time.time() + 20
+            while not imgs.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)"):
+                assert time.time() < deadline, "gallery thumbnails did not load"
+                time.sleep(0.05)
             page.set_input_files(
                 "#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"not a photo"}
             )

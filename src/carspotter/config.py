@@ -21,7 +21,9 @@ class AugConfig:
     """Training-time augmentation. Evaluation always uses resize + centre crop."""
 
     random_crop: bool = False  # resize to `resize_size` (or img_size * 1.14) then RandomCrop(img_size)
-    random_resized_crop: bool = False  # timm/torchvision RandomResizedCrop(img_size, scale=(rrc_scale_min, 1))
+    random_resized_crop: bool = (
+        False  # timm/torchvision RandomResizedCrop(img_size, scale=(rrc_scale_min, 1))
+    )
     rrc_scale_min: float = 0.25
     hflip: bool = False
     rotation: float = 0.0  # degrees, RandomRotation(±rotation)
@@ -47,7 +49,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"  # any timm model name, or "scratch_cnn"
     pretrained: bool = True  # ImageNet weights by download (or `weights` when given)
-    weights: str | None = None  # local weights file: .safetensors, or a state dict (.pt/.pth, loaded weights_only)
+    weights: str | None = (
+        None  # local weights file: .safetensors, or a state dict (.pt/.pth, loaded weights_only)
+    )
     dropout: float = 0.0  # dropout before the classifier
     embed_dim: int | None = None  # add a linear embedding head of this size (metric learning)
     freeze: str = "none"  # "none" (fine-tune all) | "backbone" (head only)
@@ -164,9 +168,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], where)
     if dataclasses.is_dataclass(tp):

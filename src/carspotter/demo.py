@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carspotter.config import ExperimentConfig, apply_overrides
+from carspotter.config import ExperimentConfig, apply_overrides, to_dict
 from carspotter.utils import atomic_write_json, prepare_out_dir
 
 MARKER = "demo.json"
+# Strong recipes run after the nine reference experiments: one from scratch, one metric-learning.
+STRONG = ("strong-cnn-scratch", "strong-proxyanchor-efficientnet-lite0")
 Echo = Callable[[str], None]
 
 
@@ -42,14 +44,14 @@ SCALES: dict[str, Scale] = {
         synth={"classes": 16, "per_class": 40, "size": 64, "seed": 0},
         img_size=48,
         batch_size=32,
-        epochs={"frozen": 6, "finetune": 3, "progressive": 4, "scratch": 6, "strong": 6},
-        budget_reserve_s=15.0,
+        epochs={"frozen": 6, "finetune": 3, "progressive": 4, "scratch": 6, "strong": 6, "metric": 3},
+        budget_reserve_s=25.0,
     ),
     "tiny": Scale(
         synth={"classes": 6, "per_class": 8, "size": 40, "seed": 0},
         img_size=32,
         batch_size=16,
-        epochs={"frozen": 1, "finetune": 1, "progressive": 1, "scratch": 1, "strong": 1},
+        epochs={"frozen": 1, "finetune": 1, "progressive": 1, "scratch": 1, "strong": 1, "metric": 1},
         budget_reserve_s=5.0,
     ),
     "full": Scale(
@@ -60,8 +62,24 @@ SCALES: dict[str, Scale] = {
         budget_reserve_s=60.0,
     ),
 }
-# Relative cost of one epoch per family (fine-tuning the small backbone = 1), refined by measurement.
-REL_COST = {"frozen": 0.1, "finetune": 1.0, "progressive": 0.75, "scratch": 0.4, "strong": 0.8, "knn": 0.4}
+# Relative cost of one epoch per family (fine-tuning the small backbone = 1) and of a step's fixed part
+# (model set-up, test evaluation; the frozen run embeds the photos once); seconds per unit are measured.
+# Measured at the default scale (1 thread): ~5 s per unit under heavy load.
+REL_COST = {
+    "frozen": 0.08, "finetune": 1.0, "progressive": 0.75, "scratch": 0.35, "strong": 0.6, "metric": 1.2,
+    "knn": 0.3,
+}  # fmt: skip
+FIXED_COST = {"frozen": 0.5, "knn": 0.0}
+PRIOR_SPU, PRIOR_UNITS = 5.0, 3.0
+FIXED_DEFAULT = 0.4
+
+
+def step_units(family: str, epochs: int) -> float:
+    return FIXED_COST.get(family, FIXED_DEFAULT) + (
+        epochs * REL_COST[family] if family != "knn" else REL_COST["knn"]
+    )
+
+
 # Extra channel-width cut for the strong from-scratch recipe at demo scale (its 5 wide blocks cost ~4× the
 # small backbone at 64 px); an override on the preset, recorded in demo.json like every other.
 STRONG_DEMO_CHANNELS = [32, 64, 128, 192, 256]
@@ -89,8 +107,8 @@ def find_preset(prefix: str) -> str:
 
 
 def _family(cfg: ExperimentConfig, strong: bool) -> str:
-    if cfg.task == "knn":
-        return "knn"
+    if cfg.task in ("knn", "metric"):
+        return cfg.task
     if cfg.model.arch == "scratch_cnn":
         return "strong" if strong else "scratch"
     if cfg.model.unfreeze_schedule:
@@ -98,7 +116,7 @@ def _family(cfg: ExperimentConfig, strong: bool) -> str:
     return "frozen" if cfg.model.freeze == "backbone" else "finetune"
 
 
-def plan_steps(strong: tuple[str, ...] = ("strong-cnn-scratch",)) -> list[Step]:
+def plan_steps(strong: tuple[str, ...] = STRONG) -> list[Step]:
     """The nine reference experiments (+ strong recipes) in the reference order; kNN after its network."""
     from carspotter.presets import load_preset
 
@@ -204,25 +222,35 @@ def resolve_weights(weights: Path | None, echo: Echo) -> dict[str, Any]:
 
 
 class Budget:
-    """Scales planned epochs so the remaining steps fit the time left, from the seconds measured so far."""
+    """Scales planned epochs so the remaining steps fit the time left, from the seconds measured so far.
 
-    def __init__(self, budget_s: float, reserve_s: float, t0: float) -> None:
+    The first step also pays one-off start-up costs, so measurements are blended with a prior worth
+    `prior_units` of work at `prior_spu` seconds per unit until enough has been measured.
+    """
+
+    def __init__(
+        self, budget_s: float, reserve_s: float, t0: float, prior_spu: float = 0.0, prior_units: float = 0.0
+    ) -> None:
         self.budget_s, self.reserve_s, self.t0 = budget_s, reserve_s, t0
-        self.units_done, self.secs_done = 0.0, 0.0
+        self.units_done, self.secs_done = prior_units, prior_spu * prior_units
+        self.measured = False
 
     def record(self, units: float, secs: float) -> None:
         self.units_done += units
         self.secs_done += secs
+        self.measured = True
 
     def sec_per_unit(self) -> float | None:
-        return self.secs_done / self.units_done if self.units_done > 0 else None
+        return self.secs_done / self.units_done if self.measured and self.units_done > 0 else None
 
-    def factor(self, remaining_units: float) -> float:
+    def factor(self, remaining_units: float, fixed_units: float = 0.0) -> float:
+        """Share of the planned epochs that fits; the fixed part of each step cannot be scaled away."""
         spu = self.sec_per_unit()
-        if spu is None or remaining_units <= 0:
+        scalable = remaining_units - fixed_units
+        if spu is None or scalable <= 0:
             return 1.0
-        left = self.budget_s - self.reserve_s - (time.perf_counter() - self.t0)
-        return max(0.0, min(1.0, left / (spu * remaining_units)))
+        left = self.budget_s - self.reserve_s - (time.perf_counter() - self.t0) - spu * fixed_units
+        return max(0.0, min(1.0, left / (spu * scalable)))
 
 
 def _steps_per_epoch(data_dir: Path, cfg: ExperimentConfig, batch: int | None) -> int:
@@ -232,10 +260,35 @@ def _steps_per_epoch(data_dir: Path, cfg: ExperimentConfig, batch: int | None) -
     return max(1, -(-n // (batch or cfg.data.batch_size)))
 
 
-def _make_knn_run(step: Step, cfg: ExperimentConfig, source: Path, run_dir: Path) -> None:
+def knn_config(knn: ExperimentConfig, network: ExperimentConfig) -> ExperimentConfig:
+    """The kNN preset's identity and retrieval settings on the network (model, data, training) it reuses."""
+    out = copy.deepcopy(network)
+    out.name, out.task, out.reference = knn.name, knn.task, dict(knn.reference)
+    out.description = f"{knn.description} [network: {network.name}, fine-tuned in this demo, reused]"
+    out.retrieval = copy.deepcopy(knn.retrieval)
+    return out
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, Any]:
+    """Dotted keys whose values differ from `a` to `b` (what demo.json records as overrides)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("reference", "unfreeze_schedule"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return {k: v for k, v in fb.items() if fa.get(k) != v and k not in ("description", "data.root")}
+
+
+def _make_knn_run(cfg: ExperimentConfig, source: Path, run_dir: Path) -> None:
     """A kNN experiment's run dir: its own config.yaml, the network of the transfer run it reuses."""
     run_dir.mkdir(parents=True)
-    for f in ("model.json", "best.safetensors", "metrics.csv"):
+    for f in ("model.json", "best.safetensors"):
         src = source / f
         if not src.is_file():
             continue
@@ -245,14 +298,26 @@ def _make_knn_run(step: Step, cfg: ExperimentConfig, source: Path, run_dir: Path
             shutil.copy2(src, run_dir / f)
     from carspotter.config import dump_config
 
-    cfg = copy.deepcopy(cfg)
-    cfg.description = f"{cfg.description} [network: fine-tuned {source.name}, reused]"
     dump_config(cfg, run_dir / "config.yaml")
 
 
 def _acc(m: dict[str, Any] | None) -> str:
-    v = (m or {}).get("accuracy")
-    return f"{100 * v:5.1f} %" if isinstance(v, int | float) else "  —  "
+    """ "test acc  35.9 %" (classification, kNN) or "test R@1  21.7 %" (metric learning)."""
+    m = m or {}
+    for key, label in (("accuracy", "test acc"), ("recall_at_1", "test R@1")):
+        if isinstance(m.get(key), int | float):
+            return f"{label} {100 * m[key]:5.1f} %"
+    return "test acc    —  "
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _threads(requested: int) -> int:
@@ -276,15 +341,19 @@ def run_demo(
     overwrite: bool = False,
     budget_s: float = 180.0,
     scale: str = "default",
-    strong: tuple[str, ...] = ("strong-cnn-scratch",),
+    strong: tuple[str, ...] = STRONG,
     threads: int = 0,
+    started_at: float | None = None,
     echo: Echo = print,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Run everything into OUT (data/, runs/<preset>/, index/, report/, demo.json); return demo.json."""
+    """Run everything into OUT (data/, runs/<preset>/, index/, report/, demo.json); return demo.json.
+
+    `started_at` (a `time.perf_counter()` value) starts the budget clock earlier, e.g. at process start.
+    """
     import torch
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started_at is None else started_at
     if scale not in SCALES:
         raise ValueError(f"--scale {scale!r}: expected one of {', '.join(SCALES)}")
     out = Path(out)
@@ -328,12 +397,9 @@ class _Demo:
         self.cpu = resolve_device("auto") == "cpu"
         self.weights: dict[str, Any] = {}
         self.data_dir = out / "data"
-        self.budget = Budget(budget_s, sc.budget_reserve_s, t0)
+        self.budget = Budget(budget_s, sc.budget_reserve_s, t0, PRIOR_SPU, PRIOR_UNITS)
         self.planned = {s.name: sc.epochs.get(s.family) or load_preset(s.preset).train.epochs for s in steps}
-        self.units = {
-            s.name: self.planned[s.name] * REL_COST[s.family] if s.kind == "train" else REL_COST["knn"]
-            for s in steps
-        }
+        self.units = {s.name: step_units(s.family, self.planned[s.name]) for s in steps}
         self.doc: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "budget_s": budget_s,
@@ -373,21 +439,21 @@ class _Demo:
         from carspotter.presets import load_preset
 
         cfg = load_preset(s.preset)
-        f = self.budget.factor(sum(self.units[x.name] for x in self.steps[i:]))
+        rest = self.steps[i:]
+        fixed = sum(step_units(x.family, 0) for x in rest)  # kNN steps are all fixed cost
+        f = self.budget.factor(sum(self.units[x.name] for x in rest), fixed)
         t = time.perf_counter()
         if s.kind == "train":
             want = self.planned[s.name]
             ep = max(1, round(want * f)) if f < 1 else want
             metrics, desc = self._train(s, cfg, ep), f"{ep} epoch{'s' if ep > 1 else ''}"
-            self.units[s.name] = ep * REL_COST[s.family]
+            self.units[s.name] = step_units(s.family, ep)
         else:
             metrics, desc = self._knn(s, cfg)
         secs = time.perf_counter() - t
         self.budget.record(self.units[s.name], secs)
         s.result["seconds"] = round(secs, 1)
-        self.echo(
-            f"[{i + 1:2d}/{len(self.steps)}] {s.name:<36} {desc:<16} test acc {_acc(metrics)}  {secs:6.1f} s"
-        )
+        self.echo(f"[{i + 1:2d}/{len(self.steps)}] {s.name:<38} {desc:<16} {_acc(metrics)}  {secs:6.1f} s")
         self.save()
 
     def _train(self, s: Step, cfg: ExperimentConfig, epochs: int) -> dict[str, Any]:
@@ -407,15 +473,34 @@ class _Demo:
         return metrics
 
     def _knn(self, s: Step, cfg: ExperimentConfig) -> tuple[dict[str, Any], str]:
-        s.overrides = {"model.arch": self.backbone} if cfg.model.arch != "scratch_cnn" else {}
-        if self.sc.img_size:
-            s.overrides.update({"data.img_size": self.sc.img_size, "data.resize_size": None})
-        scaled = apply_overrides(cfg, s.overrides)
-        scaled.data.root = str(self.data_dir)
-        _make_knn_run(s, scaled, self.runs / str(s.network_from), self.runs / s.name)
+        from carspotter.engine.checkpoint import read_run_config
+
+        source = self.runs / str(s.network_from)
+        scaled = knn_config(cfg, read_run_config(source))
+        s.overrides = config_diff(cfg, scaled)
+        _make_knn_run(scaled, source, self.runs / s.name)
         metrics = _evaluate_knn(self.runs / s.name, self.data_dir, scaled)
         s.result = {"test": _pick(metrics), "network_from": s.network_from}
         return metrics, f"k={scaled.retrieval.k} {scaled.retrieval.metric}"
+
+    def _notes(self) -> list[str]:
+        data = self.doc["data"]
+        if data.get("synthetic"):
+            split = " / ".join(f"{v} {k}" for k, v in (data.get("counts") or {}).items())
+            what = f"a synthetic fine-grained set ({data['options']['classes']} classes; {split} photos)"
+        else:
+            what = f"the prepared dataset {data['dir']}"
+        src = {
+            "file": f"ImageNet weights from {self.weights.get('path')}",
+            "download": "downloaded ImageNet weights",
+            "random": "RANDOM weights (no ImageNet weights could be had)",
+        }[self.weights["mode"]]
+        return [
+            f"`carspotter demo` ran the real presets scaled down to minutes on {what}: image size, epochs "
+            "and batch are overridden (see Hyperparameters and demo.json), so the Model Description column "
+            "is the preset's full recipe while the numbers come from the short version. The transfer and kNN "
+            f"backbone is {self.backbone} with {src}; the kNN rows reuse the fine-tuned transfer networks."
+        ]
 
     def finish(self) -> dict[str, Any]:
         from carspotter.report import build_report
@@ -433,8 +518,11 @@ class _Demo:
             f"index: {index_dir} (train split embedded by {best.name}, {time.perf_counter() - t:.1f} s)"
         )
         t = time.perf_counter()
-        html = build_report([self.runs / s.name for s in self.steps], self.out / "report",
-                            index_dirs=[index_dir], title="carspotter demo report")  # fmt: skip
+        runs = [self.runs / s.name for s in self.steps]
+        title = "carspotter demo report"
+        html = build_report(
+            runs, self.out / "report", index_dirs=[index_dir], title=title, notes=self._notes()
+        )
         serve = f"carspotter serve {best} --index {index_dir}"
         self.doc.update(report=str(html), serve_command=serve)
         self.save()

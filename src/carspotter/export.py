@@ -204,7 +204,10 @@ def export_onnx(
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path}: already exists; pass --overwrite to replace it")
     if opset < 13:
-        raise ValueError(f"--opset {opset}: too old; use 17 or newer")
+        raise ValueError(f"--opset {opset}: too old; use 13 or newer (17 recommended)")
+    paths = image_files(check_images) if check_images else []  # bad paths fail before any work
+    if check_images and not paths:
+        raise FileNotFoundError(f"--check-images {', '.join(map(str, check_images))}: no image files found")
     model, info = load_run(run_dir, device="cpu")
     size, resize = _sizes(model, info, img_size)
     head = ExportHead(model).eval()
@@ -217,9 +220,6 @@ def export_onnx(
     with atomic_path(out_path) as tmp:
         onnx.save_model(proto, str(tmp))
 
-    paths = image_files(check_images) if check_images else []
-    if check_images and not paths:
-        raise FileNotFoundError(f"--check-images {', '.join(map(str, check_images))}: no image files found")
     if paths:
         x = load_check_images(paths[:max_check_images], model, size, resize)
         parity = check_parity(head, out_path, [x, x[:1]])

@@ -86,7 +86,9 @@ def prepare_out_dir(path: Path, *, overwrite: bool = False, resume: bool = False
         )
     if path.exists() and overwrite and not resume and any(path.iterdir()):
         if marker and not (path / marker).exists():
-            raise OutputExistsError(f"{path}: not a carspotter output (no {marker}); refusing to overwrite it")
+            raise OutputExistsError(
+                f"{path}: not a carspotter output (no {marker}); refusing to overwrite it"
+            )
         import shutil
 
         shutil.rmtree(path)

@@ -15,7 +15,7 @@ def index(
         None, help="A run directory (omit with --backbone for frozen features)."
     ),
     data: Path = typer.Option(..., "--data", help="Prepared dataset whose photos form the gallery."),
-    split: str = typer.Option("train", "--split", help="train | val | test | all"),
+    split: str = typer.Option("train", "--split", help="train | val | test | all | train+val"),
     out: Path | None = typer.Option(None, "--out", help="Index directory (default: RUN_DIR/index-SPLIT)."),
     metric: str = typer.Option("euclidean", "--metric", help="euclidean | cosine"),
     index_type: str = typer.Option(

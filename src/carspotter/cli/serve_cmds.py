@@ -34,9 +34,16 @@ def serve(
     max_batch: int = typer.Option(
         8, "--max-batch", min=1, max=256, help="Most requests grouped in one forward."
     ),
+    threads: int = typer.Option(
+        1,
+        "--threads",
+        min=0,
+        help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
+    import torch
     import uvicorn
 
     from carspotter.serve.app import create_app
@@ -48,6 +55,10 @@ def serve(
         raise FileNotFoundError(f"--index {index}: no such index directory")
     if not _is_loopback(host):
         typer.echo(f"warning: binding {host} makes the service reachable from other machines", err=True)
+    if threads:
+        # One intra-op thread by default: the HTTP and decode threads share the cores, and OpenMP threads
+        # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
+        torch.set_num_threads(threads)
     app = create_app(
         run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
     )

@@ -134,11 +134,22 @@ def evaluate(
         None, "--knn", help="kNN-classify with K neighbours among train embeddings."
     ),
     metric: str = typer.Option("euclidean", "--metric", help="kNN distance: euclidean | cosine."),
+    gallery_split: str = typer.Option(
+        "train", "--gallery-split", help="kNN gallery split of a run: train | train+val | all."
+    ),
+    weighting: str = typer.Option("majority", "--weighting", help="kNN vote: majority | distance."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
 ) -> None:
     """Evaluate a run on a split (metrics.json, predictions.csv), kNN on its embeddings, or an index."""
-    if (path / "index.faiss").is_file():
+    if (path / "index.faiss").is_file() and knn is not None:
+        from carspotter.retrieval.knn import evaluate_knn_index
+
+        if data is None:
+            raise ValueError("--data is required to kNN-classify a split against an index")
+        metrics = evaluate_knn_index(path, data, knn, split, weighting, device=device)
+        title = f"kNN k={knn} ({metrics['metric']}) of {split} against index {path}"
+    elif (path / "index.faiss").is_file():
         from carspotter.retrieval import evaluate_index
 
         metrics = evaluate_index(path)
@@ -146,7 +157,9 @@ def evaluate(
     elif knn is not None:
         from carspotter.retrieval.knn import evaluate_knn_run
 
-        metrics = evaluate_knn_run(path, data, knn, metric, split, device=device)
+        metrics = evaluate_knn_run(
+            path, data, knn, metric, split, gallery_split, device=device, weighting=weighting
+        )
         title = f"kNN k={knn} ({metric}) on {split}"
     else:
         from carspotter.engine.evaluate import evaluate_run

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
 from carspotter.config import DataConfig
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run per-image transforms on one intra-op thread, then restore the previous count.
+
+    They are tiny tensor ops: splitting each over OpenMP threads gains little on idle cores, and when other
+    processes keep a core busy every op waits for a descheduled thread — measured 10-40x slower on a shared
+    2-core machine (BENCHMARKS.md). DataLoader workers already use one thread; this covers the main process
+    (num_workers=0, single-image inference). Not for use while another Python thread runs torch ops.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def resize_size_for(data: DataConfig) -> int:

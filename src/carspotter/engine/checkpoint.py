@@ -100,7 +100,9 @@ def load_state(path: Path) -> dict[str, Any]:
 def read_model_info(run_dir: str | Path) -> ModelInfo:
     p = Path(run_dir) / MODEL_JSON
     if not p.is_file():
-        raise RunError(f"{run_dir}: not a carspotter run directory (no {MODEL_JSON}); train one with `carspotter train`")
+        raise RunError(
+            f"{run_dir}: not a carspotter run directory (no {MODEL_JSON}); train one with `carspotter train`"
+        )
     try:
         d = json.loads(p.read_text())
         return ModelInfo(**d)
@@ -131,7 +133,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", weights: str = BEST) -> t
         raise RunError(f"{wpath}: not readable safetensors ({e})") from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise RunError(f"{wpath}: does not fit the model in {MODEL_JSON} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RunError(
+            f"{wpath}: does not fit the model in {MODEL_JSON} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     p = info.preprocess
-    model.preprocess = Preprocess(int(p["img_size"]), tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
+    model.preprocess = Preprocess(
+        int(p["img_size"]), tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear")
+    )
     return model.to(device).eval(), info

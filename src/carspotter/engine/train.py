@@ -554,6 +554,8 @@ def _fit(
             eval_model.eval()
             fwd = eval_model.forward_head if cache else (eval_model.embed if metric_task else eval_model)
             val = val_metrics(cfg, evaluate(fwd, val_loader, ctx))
+            # plain Python scalars only: last.pt must stay loadable with weights_only=True
+            val = {k: (None if v is None else float(v)) for k, v in val.items() if _is_scalar(v)}
         if val is None:
             name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]  # type: ignore
         else:
@@ -624,6 +626,10 @@ def _fit(
         "world_size": dist.world_size,
         "weights_sha256": digest,
     }
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, int | float | np.number)
 
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool, metric_task: bool) -> str:

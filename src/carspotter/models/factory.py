@@ -145,8 +145,12 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, li
     if missing:
         log.warning("weights %s: %d missing keys (e.g. %s)", path, len(missing), missing[:3])
     if unexpected:
-        log.info("weights %s: %d unused keys (e.g. %s) — classifier keys are expected here", path,
-                 len(unexpected), unexpected[:3])
+        log.info(
+            "weights %s: %d unused keys (e.g. %s) — classifier keys are expected here",
+            path,
+            len(unexpected),
+            unexpected[:3],
+        )
     return report
 
 
@@ -186,12 +190,16 @@ def create_model(cfg: ModelConfig, num_classes: int, img_size: int = 224) -> Car
     if cfg.arch == SCRATCH:
         from carspotter.models.scratch import ScratchBackbone
 
-        backbone: nn.Module = ScratchBackbone(cfg.channels, batchnorm=cfg.batchnorm, hidden_dim=cfg.hidden_dim)
+        backbone: nn.Module = ScratchBackbone(
+            cfg.channels, batchnorm=cfg.batchnorm, hidden_dim=cfg.hidden_dim
+        )
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         interp = "bilinear"
     else:
         if not timm.is_model(cfg.arch.split(".")[0]):
-            raise WeightsError(f"unknown backbone {cfg.arch!r}; any timm model name works (timm.list_models())")
+            raise WeightsError(
+                f"unknown backbone {cfg.arch!r}; any timm model name works (timm.list_models())"
+            )
         backbone = _timm_backbone(cfg)
         if cfg.weights:
             load_backbone_weights(backbone, cfg.weights)
@@ -204,7 +212,10 @@ def create_model(cfg: ModelConfig, num_classes: int, img_size: int = 224) -> Car
 
         model.apply(he_init)
     model.preprocess = Preprocess(
-        img_size, tuple(cfg.mean or mean), tuple(cfg.std or std), interp  # type: ignore[arg-type]
+        img_size,
+        tuple(cfg.mean or mean),
+        tuple(cfg.std or std),
+        interp,  # type: ignore[arg-type]
     )
     apply_freeze(model, cfg.freeze)
     return model

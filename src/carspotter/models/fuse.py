@@ -71,7 +71,11 @@ def fold_batchnorm(
     `example` is one small input batch (B ≥ 1, the shape used later); `forward(model, x)` is the call to
     speed up (default `model(x)`). The original model is not modified.
     """
-    forward = forward or (lambda m, x: m(x))
+    with torch.inference_mode(False):  # callable from inside inference_mode (e.g. embed_dataset)
+        return _fold(model, example.clone(), forward or (lambda m, x: m(x)), rtol)
+
+
+def _fold(model: nn.Module, example: torch.Tensor, forward: Forward, rtol: float) -> tuple[nn.Module, int]:
     folded = copy.deepcopy(model).eval()
     pairs, ref = _conv_bn_pairs(folded, example, forward)
     if not pairs:

@@ -38,8 +38,9 @@ class ScratchBackbone(nn.Module):
 def he_init(m: nn.Module) -> None:
     """He (Kaiming) initialisation for ReLU networks, as in the reference study."""
     if isinstance(m, nn.Conv2d | nn.Linear):
-        nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
-                                nonlinearity="relu")
+        nn.init.kaiming_normal_(
+            m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in", nonlinearity="relu"
+        )
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):

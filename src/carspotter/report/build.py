@@ -46,12 +46,14 @@ def best_classification_run(runs: list[RunRecord]) -> RunRecord | None:
 def _curves_section(runs: list[RunRecord]) -> Section:
     sec = Section("Training curves")
     for r in runs:
+        if r.task == "knn":  # no training of its own: its network's curves are under that run
+            continue
         png = plots.training_curves(r.history, r.name) if r.history else None
         if png:
             sec.blocks.append(
                 Figure(f"curves_{_slug(r.name)}.png", png, f"{r.name}: loss and accuracy per epoch")
             )
-        elif r.task != "knn":
+        else:
             sec.blocks.append(Para(f"{r.name}: — (no metrics.csv with per-epoch numbers)", "note"))
     if not sec.blocks:
         sec.blocks.append(Para("— no run has per-epoch metrics.", "note"))
@@ -115,7 +117,13 @@ def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
 
 
 def build_sections(
-    run_dirs: list[Path], index_dirs: list[Path], *, top_n: int = 20, grid_queries: int = 4, grid_k: int = 5
+    run_dirs: list[Path],
+    index_dirs: list[Path],
+    *,
+    top_n: int = 20,
+    grid_queries: int = 4,
+    grid_k: int = 5,
+    notes: list[str] | None = None,
 ) -> list[Section]:
     runs = [load_run_record(d) for d in run_dirs]
     seen: dict[str, int] = {}
@@ -125,7 +133,7 @@ def build_sections(
         if seen[r.name] > 1:
             r.name = f"{r.name} ({r.path.name})"
     indexes = [load_index_record(d) for d in index_dirs]
-    head = Section("Results")
+    head = Section("Results", [Para(n) for n in notes or []])
     rand = random_weight_runs(runs)
     if rand:
         head.blocks.append(
@@ -160,8 +168,12 @@ def build_report(
     title: str = "carspotter experiment report",
     grid_queries: int = 4,
     grid_k: int = 5,
+    notes: list[str] | None = None,
 ) -> Path:
-    """Write OUT/report.md, OUT/report.html (self-contained) and OUT/*.png; returns the html path."""
+    """Write OUT/report.md, OUT/report.html (self-contained) and OUT/*.png; returns the html path.
+
+    `notes` are paragraphs shown above the tables (e.g. how the runs were scaled).
+    """
     runs = [Path(d) for d in run_dirs]
     idx = [Path(d) for d in index_dirs or []]
     out = Path(out_dir)
@@ -170,7 +182,7 @@ def build_report(
             f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another --out"
         )
     out = prepare_out_dir(out, overwrite=overwrite, marker=MARKER)
-    sections = build_sections(runs, idx, grid_queries=grid_queries, grid_k=grid_k)
+    sections = build_sections(runs, idx, grid_queries=grid_queries, grid_k=grid_k, notes=notes)
     subtitle = (
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(runs)} run dir(s)"
         f"{f' and {len(idx)} index dir(s)' if idx else ''}."

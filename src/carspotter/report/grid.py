@@ -95,6 +95,7 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
     queries: list[dict[str, Any]] = []
     if (root / "manifest.csv").is_file():
         queries = _pick(_query_records(root, {str(m.get("split")) for m in meta}), n_queries)
+    who = Path(run_dir).name if run_dir else str(info.get("backbone", "the index's network"))
     searched = None
     if queries:
         try:
@@ -103,7 +104,6 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
             log.info("retrieval examples: cannot embed new queries (%s); using gallery photos", e)
     if searched is not None:
         dist, ids = searched
-        who = Path(run_dir).name if run_dir else str(info.get("backbone", "the index's network"))
         how = (
             f"{len(queries)} held-out {queries[0]['split']} photos embedded by {who}; "
             f"top-{k} of {len(meta)} gallery photos"
@@ -132,5 +132,5 @@ def retrieval_examples(index_dir: str | Path, n_queries: int = 4, k: int = 5) ->
             )
         rows.append(row)
     metric = info.get("metric", "")
-    png = retrieval_grid(rows, f"Retrieval examples — {index_dir.name} ({metric})")
+    png = retrieval_grid(rows, f"Retrieval: {who} embeddings, {metric} distance ({index_dir.name}/)")
     return png, how

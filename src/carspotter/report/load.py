@@ -141,9 +141,10 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
     rec.metrics = _read_json(path / "metrics.json", notes)
     rec.has_predictions = (path / "predictions.csv").is_file()
     if path.is_dir() and rec.metrics is None:
-        notes.append(
-            f"{path.name}: no metrics.json (run `carspotter evaluate {path}`); test numbers shown as —"
-        )
+        if rec.task != "knn":
+            notes.append(f"{path.name}: no metrics.json (run `carspotter evaluate {path}`); shown as —")
+        elif not any(path.glob("metrics_knn*.json")):
+            notes.append(f"{path.name}: no kNN evaluation (metrics_knn*.json) yet; shown as —")
     ref = dict(cfg.reference) if cfg else {}
     desc = cfg.description if cfg else ""
     if rec.task == "knn" and rec.metrics is not None:

@@ -143,6 +143,7 @@ def results_tables(runs: list[RunRecord]) -> list[Table]:
     ]
     for t in tables:
         t.caption = "Test split; Accuracy = top-1; F1/Precision/Recall are macro averages over classes."
+    tables[1].caption += " kNN votes have no loss; Predict Time covers embedding the queries + the search."
     return tables
 
 
@@ -205,7 +206,7 @@ def metric_table(runs: list[RunRecord], indexes: list[IndexRecord]) -> Table | N
             f"gallery index of {src_name} ({ix.info.get('metric', '?')}, {ix.info.get('index_type', '?')}, "
             f"n={ix.info.get('n', len(ix.meta))})"
         )
-        rows.append(_recall_row(f"index {ix.path.name}", desc, ix.metrics, {}))
+        rows.append(_recall_row(f"{ix.path.name}/", desc, ix.metrics, {}))
         notes += ix.notes
     if not rows:
         return None

@@ -41,9 +41,9 @@ def build_index_from_run(
 
     `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder.
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.engine.checkpoint import load_run
     from carspotter.retrieval.embed import embed_dataset, eval_transform
+    from carspotter.retrieval.knn import _splits_dataset
 
     if out_dir is not None:
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
@@ -57,7 +57,7 @@ def build_index_from_run(
         info["run_dir"] = str(Path(run_or_model).resolve())
         info["class_names_model"] = minfo.class_names
         resize_size = minfo.resize_size
-    ds = PreparedDataset(data_dir, split, eval_transform(model, resize_size))
+    ds = _splits_dataset(data_dir, split, eval_transform(model, resize_size))  # "train+val" joins splits
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()

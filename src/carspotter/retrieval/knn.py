@@ -132,13 +132,12 @@ def evaluate_knn_run(
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """kNN on a run's embeddings (gallery: `gallery_split`, queries: `split`).
+    """kNN on a run's embeddings (gallery: `gallery_split`, queries: `split`; "train+val" joins splits).
 
     Writes RUN_DIR/metrics_knn{k}_{metric}.json.
 
     predict_time_s counts embedding the queries plus the search, as the reference study's predict time did.
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.engine.checkpoint import load_run, read_run_config
     from carspotter.retrieval.embed import embed_dataset, eval_transform
     from carspotter.utils import atomic_write_json, resolve_device
@@ -149,8 +148,8 @@ def evaluate_knn_run(
     if data_dir is None:
         data_dir = read_run_config(run_dir).data.root
     tf = eval_transform(model, info.resize_size)
-    gallery = PreparedDataset(data_dir, gallery_split, tf)
-    queries = PreparedDataset(data_dir, split, tf)
+    gallery = _splits_dataset(data_dir, gallery_split, tf)
+    queries = _splits_dataset(data_dir, split, tf)
     if len(gallery) == 0 or len(queries) == 0:
         raise ValueError(f"{data_dir}: split {gallery_split!r} or {split!r} is empty")
     g = embed_dataset(model, gallery, batch_size, dev, num_workers)
@@ -172,4 +171,76 @@ def evaluate_knn_run(
     m["images_per_s"] = len(queries) / m["predict_time_s"]
     m.update(split=split, gallery_split=gallery_split, n_gallery=len(gallery))
     atomic_write_json(run_dir / f"metrics_knn{k}_{metric}.json", m)
+    return m
+
+
+def _splits_dataset(data_dir: str | Path, split: str, transform: Any) -> Any:
+    """A PreparedDataset over one split, "all", or several joined by "+" (e.g. the whole labelled
+    "train+val" as a kNN gallery: a kNN classifier has nothing to select on val)."""
+    from carspotter.data.dataset import PreparedDataset
+
+    parts = split.split("+")
+    ds = PreparedDataset(data_dir, "all" if len(parts) > 1 else split, transform)
+    if len(parts) > 1:
+        ds.records = [r for r in ds.records if r.split in parts]
+        ds.split = split
+    return ds
+
+
+def evaluate_knn_index(
+    index_dir: str | Path,
+    data_dir: str | Path,
+    k: int,
+    split: str = "test",
+    weighting: str = "majority",
+    device: str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """kNN-classify a split's photos against a saved gallery index (its metric, its embedder).
+
+    This is how frozen features of a bare backbone get a kNN score without a training run.
+    Writes INDEX_DIR/metrics_knn{k}_{split}.json.
+    """
+    from carspotter.retrieval.embed import embed_dataset, eval_transform
+    from carspotter.retrieval.index import GalleryIndex
+    from carspotter.retrieval.query import embedder_for_index
+    from carspotter.utils import atomic_write_json, resolve_device
+
+    index_dir = Path(index_dir)
+    dev = resolve_device(device)
+    index = GalleryIndex.load(index_dir)
+    model = embedder_for_index(index, dev)
+    gallery_names = index.info.get("class_names") or []
+    queries = _splits_dataset(data_dir, split, eval_transform(model, index.info.get("resize_size")))
+    if len(queries) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no photos")
+    if list(queries.class_names) != list(gallery_names):
+        raise ValueError(
+            f"{data_dir}: its class names differ from those of the gallery in {index_dir}; "
+            "kNN labels would not line up (index and evaluate the same prepared dataset)"
+        )
+    t0 = time.perf_counter()
+    q = embed_dataset(model, queries, batch_size, dev, num_workers, index.info.get("embed_source", "auto"))
+    embed_s = time.perf_counter() - t0
+
+    def search_index(_g: Any, qs: np.ndarray, kk: int, _metric: str) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(qs, kk)
+
+    m = evaluate_knn(
+        np.empty((0, q.shape[1]), dtype=np.float32),
+        index.labels(),
+        q,
+        np.asarray(queries.labels),
+        k,
+        index.metric,
+        weighting,
+        num_classes=len(gallery_names),
+        search=search_index,
+    )
+    m["search_time_s"] = m["predict_time_s"]
+    m["predict_time_s"] = embed_s + m["search_time_s"]
+    m["images_per_s"] = len(queries) / m["predict_time_s"]
+    m.update(split=split, gallery_split=index.info.get("split"), n_gallery=index.info.get("n"))
+    atomic_write_json(index_dir / f"metrics_knn{k}_{split.replace('+', '-')}.json", m)
     return m

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,7 +57,9 @@ class Service:
             raise HTTPException(404, "this server has no gallery index (start it with --index INDEX_DIR)")
         if not 0 <= item_id < len(index.meta):
             raise HTTPException(404, f"no gallery image {item_id}; ids run 0..{len(index.meta) - 1}")
-        root = Path(index.info.get("data_root") or "").resolve()
+        if not index.info.get("data_root"):
+            raise HTTPException(404, "this index does not record where its photos are (no data_root)")
+        root = Path(index.info["data_root"]).resolve()
         path = (root / str(index.meta[item_id]["path"])).resolve()
         if not path.is_relative_to(root):  # a tampered meta.csv must not expose other files
             raise HTTPException(404, f"gallery image {item_id} lies outside the gallery folder")
@@ -202,6 +205,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = 400 if detail.startswith("no photo") else 422
         return JSONResponse({"detail": detail}, status)
 
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, still JSON
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500)
+
+    app.add_exception_handler(Exception, server_error)
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
 
@@ -220,6 +227,7 @@ def create_app(
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch)
+    Image.init()  # load Pillow's format plugins now, not during the first (non-image) upload: ~1 s here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.config import DataConfig, ModelConfig
+from carspotter.config import DataConfig
 from carspotter.data.transforms import build_transform
 from carspotter.engine.checkpoint import RunError, load_run
-from carspotter.models.factory import CarModel, create_model
+from carspotter.models.factory import CarModel
 
 log = logging.getLogger(__name__)
 
@@ -141,52 +141,26 @@ class Predictor:
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def _embedding_model(self) -> CarModel:
-        """The network the index was built with: this run, another run, or a bare (pretrained) backbone."""
-        assert self.index is not None
-        info = self.index.info
-        model: CarModel
-        if info.get("run_dir"):
-            src = Path(info["run_dir"])
-            if src.resolve() == self.run_dir.resolve() or not (src / "model.json").is_file():
-                if src.resolve() != self.run_dir.resolve():
-                    log.warning(
-                        "index was built from %s (not found); embedding queries with %s", src, self.run_dir
-                    )
-                model = self.model
-            else:
-                model = load_run(src, self.device)[0]
-        elif info.get("backbone"):
-            weights = info.get("weights")
-            if weights and not Path(weights).is_file():
-                raise RunError(
-                    f"index was built with backbone weights {weights}, which are not on this machine"
-                )
-            mcfg = ModelConfig(arch=info["backbone"], pretrained=False, weights=weights)
-            pre = info.get("preprocess") or {}
-            model = create_model(mcfg, 0, img_size=int(pre.get("img_size", 224))).to(self.device).eval()
-            if pre.get("mean"):
-                model.preprocess.mean, model.preprocess.std = tuple(pre["mean"]), tuple(pre["std"])
-        else:
-            model = self.model
-        dim = int(info.get("dim") or 0)
-        if dim and self._probe_dim(model) != dim:
-            raise RunError(
-                f"the index holds {dim}-d vectors but the query network gives {self._probe_dim(model)}-d; "
-                "was it built from another model?"
-            )
-        return model
+        """The network the index was built with: this very run (shared), another run, or a bare backbone."""
+        from carspotter.retrieval.query import embedder_for_index
 
-    def _probe_dim(self, model: CarModel) -> int:
-        return int(self._embed(model, [Image.new("RGB", (32, 32))]).shape[1])
+        assert self.index is not None
+        src = self.index.info.get("run_dir")
+        same_run = bool(src) and Path(src).resolve() == self.run_dir.resolve()
+        model = self.model if same_run else embedder_for_index(self.index, self.device)
+        dim, got = (
+            int(self.index.info.get("dim") or 0),
+            self._embed(model, [Image.new("RGB", (32, 32))]).shape[1],
+        )
+        if dim and got != dim:
+            raise RunError(f"the index holds {dim}-d vectors but its query network gives {got}-d ones")
+        return model
 
     def _embed(self, model: CarModel, images: list[Image.Image]) -> np.ndarray:
         from carspotter.retrieval.embed import embed_images
 
         source = (self.index.info.get("embed_source") if self.index is not None else None) or "auto"
-        try:
-            return embed_images(model, images, device=self.device, source=source)
-        except TypeError:  # an embed_images without the `source` argument
-            return embed_images(model, images, device=self.device)
+        return embed_images(model, images, device=self.device, source=source)
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
