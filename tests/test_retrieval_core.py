@@ -189,3 +189,50 @@ def test_bare_backbone_index(tmp_path: Path, tiny_prepared: Path) -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert info["backbone"] == "scratch_cnn" and info["preprocess"]["img_size"] == 32
+
+
+def test_knn_against_saved_index_equals_slow_path(tmp_path: Path, tiny_prepared: Path) -> None:
+    """`evaluate INDEX --knn K --data D`: frozen-feature kNN with no run, equal to embedding both sides by hand
+    and voting over a brute-force search."""
+    from safetensors.torch import save_file
+
+    from carspotter.config import ModelConfig
+    from carspotter.models.factory import create_model
+    from carspotter.retrieval.build import backbone_model, build_index_from_run
+    from carspotter.retrieval.embed import embed_dataset, eval_transform
+    from carspotter.retrieval.knn import _splits_dataset, evaluate_knn, evaluate_knn_index
+
+    backbone = create_model(ModelConfig(arch="scratch_cnn"), 0, 32).backbone
+    save_file(backbone.state_dict(), str(tmp_path / "w.safetensors"))
+    weights = str(tmp_path / "w.safetensors")
+    model = backbone_model("scratch_cnn", weights, 32)
+    info = {"backbone": "scratch_cnn", "weights": weights}
+    build_index_from_run(
+        model, tiny_prepared, "train+val", "cosine", out_dir=tmp_path / "ix", device="cpu", model_info=info
+    )
+    got = evaluate_knn_index(tmp_path / "ix", tiny_prepared, 3, "test", device="cpu")
+    assert (tmp_path / "ix" / "metrics_knn3_test.json").is_file()
+    assert got["gallery_split"] == "train+val" and got["metric"] == "cosine"
+
+    tf = eval_transform(model)
+    gallery = _splits_dataset(tiny_prepared, "train+val", tf)
+    queries = _splits_dataset(tiny_prepared, "test", tf)
+    slow = evaluate_knn(
+        embed_dataset(model, gallery),
+        np.asarray(gallery.labels),
+        embed_dataset(model, queries),
+        np.asarray(queries.labels),
+        3,
+        "cosine",
+        num_classes=len(gallery.class_names),
+        search=brute_force_search,
+    )
+    assert got["n_images"] == slow["n_images"] == len(queries)
+    for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro"):
+        assert got[key] == pytest.approx(slow[key]), key
+
+    r = _cli("evaluate", str(tmp_path / "ix"), "--knn", "1", "--data", str(tiny_prepared), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ix" / "metrics_knn1_test.json").read_text())["k"] == 1
+    r = _cli("evaluate", str(tmp_path / "ix"), "--knn", "1")
+    assert r.returncode != 0 and "--data" in r.stderr

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -364,11 +365,21 @@ FUZZ_SETTINGS = settings(
     endpoint=st.sampled_from(["/api/classify", "/api/search"]),
     ctype=st.sampled_from(["image/jpeg", "image/png", "application/octet-stream", "text/plain", ""]),
 )
-def test_fuzz_corrupted_images(client, serve_data, which, ops, endpoint, ctype) -> None:
-    data = _corrupt(_fuzz_images(serve_data)[which], ops)
+def _send_corrupted_image(client, images, tally, which, ops, endpoint, ctype) -> None:
+    data = _corrupt(images[which], ops)
     r = client.post(endpoint, files={"file": ("f", data, ctype)} if ctype else {"file": ("f", data)})
+    tally[r.status_code] += 1
     assert r.status_code < 500, r.text
     assert r.status_code == 200 or isinstance(r.json()["detail"], str)
+
+
+def test_fuzz_corrupted_images(client: httpx.Client, serve_data: dict[str, Path]) -> None:
+    """Valid JPEG/PNG/WebP photos with random byte flips, cuts and insertions: 200 or a 4xx, never a 5xx."""
+    tally: Counter[int] = Counter()
+    _send_corrupted_image(client, _fuzz_images(serve_data), tally)
+    assert sum(tally.values()) >= 100 and max(tally) < 500, tally
+    assert_healthy(client)
+    print(f"\ncorrupted images: {sum(tally.values())} requests, status counts {dict(sorted(tally.items()))}")
 
 
 CONTENT_TYPES = [
@@ -382,7 +393,7 @@ CONTENT_TYPES = [
 ]
 
 
-@FUZZ_SETTINGS
+@settings(FUZZ_SETTINGS, max_examples=240)
 @given(
     mode=st.sampled_from(["raw", "files", "envelope"]),
     body=st.binary(max_size=2048),
@@ -392,8 +403,7 @@ CONTENT_TYPES = [
     k=st.one_of(st.none(), st.integers(-(10**6), 10**6).map(str), st.text(max_size=8)),
     endpoint=st.sampled_from(["/api/classify", "/api/search"]),
 )
-def test_fuzz_malformed_requests(client, mode, body, ctype, field, filename, k, endpoint) -> None:
-    """Random bodies, content types, field names, filenames and k values: always a 4xx with a JSON detail."""
+def _send_malformed_request(client, tally, mode, body, ctype, field, filename, k, endpoint) -> None:
     params = {"k": k} if k is not None else {}
     if mode == "files":
         r = client.post(
@@ -406,8 +416,23 @@ def test_fuzz_malformed_requests(client, mode, body, ctype, field, filename, k, 
             ctype = "multipart/form-data; boundary=x"
         printable = "".join(c for c in ctype if " " <= c <= "~").strip()  # what an HTTP client can send
         r = client.post(endpoint, params=params, content=body, headers={"content-type": printable or "x/y"})
+    tally[r.status_code] += 1
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert isinstance(r.json()["detail"], str)
+
+
+def test_fuzz_malformed_requests(client: httpx.Client) -> None:
+    """Random bodies, content types, field names, filenames and k values: 200+ requests, every one a 4xx
+    with a JSON detail (new random cases every run), and the server is healthy afterwards."""
+    tally: Counter[int] = Counter()
+    t0 = time.perf_counter()
+    _send_malformed_request(client, tally)
+    seconds = time.perf_counter() - t0
+    n = sum(tally.values())
+    assert n >= 200, tally
+    assert all(400 <= code < 500 for code in tally), tally
+    assert_healthy(client)
+    print(f"\nmalformed requests: {n} in {seconds:.1f} s, status counts {dict(sorted(tally.items()))}")
 
 
 def test_still_healthy_after_fuzzing(client: httpx.Client) -> None:

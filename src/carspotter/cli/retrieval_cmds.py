@@ -93,7 +93,13 @@ def search(
     idx = GalleryIndex.load(index_dir)
     model = embedder_for_index(idx, device)
     photos = [open_rgb(p) for p in images]
-    q = embed_images(model, photos, device=device, source=idx.info.get("embed_source", "auto"))
+    q = embed_images(
+        model,
+        photos,
+        device=device,
+        source=idx.info.get("embed_source", "auto"),
+        resize_size=idx.info.get("resize_size"),
+    )
     dists, ids = idx.search(q, k)
     root = Path(idx.info.get("data_root", "."))
     for path, drow, irow in zip(images, dists, ids, strict=True):

@@ -8,6 +8,7 @@ stripe in a training batch.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -53,10 +54,15 @@ def decode(
     else:
         fp = Path(data)
         try:
-            if fp.stat().st_size == 0:
-                raise ImageError(name, "empty file")
+            st = fp.stat()  # follows symlinks: a dangling or looping link fails here
         except OSError as e:
             raise ImageError(name, "unreadable", e.strerror or str(e)) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(name, "unreadable", "is a directory")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise ImageError(name, "unreadable", "not a regular file")
+        if st.st_size == 0:
+            raise ImageError(name, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

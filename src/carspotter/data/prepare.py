@@ -70,6 +70,8 @@ def _bboxes_fit(items: list[SourceItem], n_sample: int = 100) -> bool:
     step = max(1, len(with_box) // n_sample)
     fits = []
     for it in with_box[::step][:n_sample]:
+        if not os.path.isfile(it.path):  # never open a FIFO here: it would block; decode reports it
+            continue
         try:
             with Image.open(it.path) as im:
                 fits.append(_bbox_ok(it.bbox, *im.size))  # type: ignore[arg-type]

@@ -126,6 +126,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, li
     for prefix in ("module.", "backbone.", "model."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a whole CarModel (e.g. a run's best.safetensors)
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     own = backbone.state_dict()
     usable, mismatched = {}, []
     for k, v in sd.items():
@@ -211,6 +213,8 @@ def create_model(cfg: ModelConfig, num_classes: int, img_size: int = 224) -> Car
         from carspotter.models.scratch import he_init
 
         model.apply(he_init)
+        if cfg.weights:
+            load_backbone_weights(backbone, cfg.weights)
     model.preprocess = Preprocess(
         img_size,
         tuple(cfg.mean or mean),

@@ -67,7 +67,13 @@ def _search_with_model(index: Any, queries: list[dict[str, Any]], k: int) -> Any
     model = embedder_for_index(index, "cpu")
     root = Path(index.info["data_root"])
     images = [open_rgb(root / q["path"]) for q in queries]
-    emb = embed_images(model, images, device="cpu", source=index.info.get("embed_source", "auto"))  # (Q, D)
+    emb = embed_images(
+        model,
+        images,
+        device="cpu",
+        source=index.info.get("embed_source", "auto"),
+        resize_size=index.info.get("resize_size"),
+    )  # (Q, D)
     return index.search(emb, k)
 
 

@@ -160,7 +160,8 @@ class Predictor:
         from carspotter.retrieval.embed import embed_images
 
         source = (self.index.info.get("embed_source") if self.index is not None else None) or "auto"
-        return embed_images(model, images, device=self.device, source=source)
+        resize = self.index.info.get("resize_size") if self.index is not None else None
+        return embed_images(model, images, device=self.device, source=source, resize_size=resize)
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()

@@ -73,14 +73,19 @@ def is_image_name(p: Path) -> bool:
 
 
 def image_files(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image-looking files under `folder`, sorted, skipping hidden files and folders."""
+    """Image-looking entries under `folder`, sorted, skipping hidden files and folders.
+
+    An entry with an image name that is not a readable regular file (a dangling or looping symlink, a
+    FIFO, a folder called `x.jpg`) is listed too, so the decode step reports it by name instead of it
+    vanishing silently.
+    """
     it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
     out = []
     for p in it:
         rel = p.relative_to(folder).parts
         if any(part.startswith(".") or part.startswith("__") for part in rel):
             continue
-        if p.is_file() and is_image_name(p):
+        if is_image_name(p):
             out.append(p)
     return sorted(out)
 
