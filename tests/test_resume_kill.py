@@ -77,7 +77,8 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
     data = make_tiny_prepared(tmp_path / "data", n_classes=4, per_class=48, size=48)  # 96 steps per epoch
     killed, whole = tmp_path / "killed", tmp_path / "whole"
 
-    kill_mid_epoch(train_cmd(data, killed), epoch=2)
+    seen = kill_mid_epoch(train_cmd(data, killed), epoch=2)
+    pct = re.findall(r"epoch 2:\s+(\d+)%", seen)[-1]
     assert len(rows(killed / "metrics.csv")) == 1
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
 
@@ -93,3 +94,6 @@ def test_kill_9_mid_epoch_then_resume(tmp_path):
     sb = torch.load(whole / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (killed / "best.safetensors").read_bytes() == (whole / "best.safetensors").read_bytes()
+    print(
+        f"\nSIGKILL at epoch 2, {pct}% done; after --resume all {len(a)} epochs' metrics and the weights match"
+    )

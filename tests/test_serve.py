@@ -475,15 +475,18 @@ def test_concurrent_clients_get_correct_answers(base_url: str, serve_data: dict[
                     errors.append(f"{ep} {n}: batched answer differs from the single one")
         return errors
 
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         errors = [e for errs in pool.map(worker, range(8)) for e in errs]
+    seconds = time.perf_counter() - t0
     assert errors == []
     with httpx.Client(base_url=base_url, timeout=60) as c:
         after = c.get("/api/health").json()
     n_images = after["images_inferred"] - before["images_inferred"]
     assert n_images == 400
     print(
-        f"\n400 requests from 8 clients ran in {after['batches_run'] - before['batches_run']} forward passes"
+        f"\n400 requests from 8 clients in {seconds:.1f} s, {len(errors)} errors, "
+        f"{after['batches_run'] - before['batches_run']} forward passes"
     )
 
 

@@ -22,6 +22,13 @@ TRANSFER = [
     ("T2", "seed-t2", "metrics.json", "t2.sh", 73.8),
     ("T3", "seed-t3", "metrics.json", "t3.sh", 71.7),
     ("strong", "strong-efficientnet", "metrics.json", "strong-efficientnet.sh", None),
+    (
+        "strong, 192 px",
+        "strong-efficientnet-192",
+        "metrics.json",
+        "NAME=strong-efficientnet-192 IMG=192 strong-efficientnet.sh",
+        None,
+    ),
 ]
 KNN = [
     ("R1", "seed-t2", "metrics_knn3_euclidean.json", "r1.sh", 74.9),
@@ -29,16 +36,22 @@ KNN = [
     ("R3", "seed-t3", "metrics_knn7_cosine.json", "r3.sh", 73.4),
 ]
 SCRATCH = [
-    ("S1", "seed-s1", "metrics.json", "s1.sh", 8.9),
-    ("S2", "seed-s2", "metrics.json", "s2.sh", 8.2),
-    ("S3", "seed-s3", "metrics.json", "s3.sh", 72.3),
-    ("strong", "strong-cnn", "metrics.json", "strong-cnn.sh", None),
+    ("S1", "seed-s1", "metrics.json", "IMG=64 s1.sh", 8.9),
+    ("S2", "seed-s2", "metrics.json", "IMG=64 s2.sh", 8.2),
+    ("S3", "seed-s3", "metrics.json", "IMG=64 s3.sh", 72.3),
+    ("strong", "strong-cnn", "metrics.json", "IMG=64 EPOCHS=20 strong-cnn.sh", None),
 ]
 RETRIEVAL = [
     ("frozen", "retrieval-frozen-lite0", "retrieval-frozen.sh"),
-    ("Proxy-Anchor", "strong-proxyanchor/index-test", "retrieval-metric.sh"),
+    ("Proxy-Anchor", "strong-proxyanchor/index-test", "EPOCHS=8 retrieval-metric.sh"),
 ]
 TIME_NAME = {"seed-t1": "seed-t1", "seed-t2": "seed-t2", "seed-t3": "seed-t3"}
+
+
+def cmd(script: str) -> str:
+    """`ENV=… name.sh` → `ENV=… scripts/results/name.sh` (the settings the row was run with)."""
+    *env, name = script.split()
+    return " ".join([*env, f"scripts/results/{name}"])
 
 
 def load(p: Path) -> dict | None:
@@ -103,7 +116,7 @@ def cls_table(rows: list[tuple], title: str) -> str:
         if m is None:
             lines.append(
                 f"| {rid} | {desc} | — | not run | — | — | — | — | "
-                f"{'—' if ref is None else f'{ref:.1f} %'} | — | — | `scripts/results/{script}` |"
+                f"{'—' if ref is None else f'{ref:.1f} %'} | — | — | `{cmd(script)}` |"
             )
             continue
         loss = "—" if m.get("loss") is None else f"{m['loss']:.3f}"
@@ -116,7 +129,7 @@ def cls_table(rows: list[tuple], title: str) -> str:
             f"| {rid} | {desc} | {loss} | **{pct(m['accuracy'])}** | {pct(m['f1_macro'])} | "
             f"{pct(m['precision_macro'])} | {pct(m['recall_macro'])} | {ptime} | "
             f"{'—' if ref is None else f'{ref:.1f} %'} | {setup(run) if not knn else 'k=' + str(m.get('k')) + ', ' + str(m.get('metric'))} | "
-            f"{cost} | `scripts/results/{script}` |"
+            f"{cost} | `{cmd(script)}` |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -140,14 +153,14 @@ def retrieval_table() -> str:
             else "—"
         )
         if m is None:
-            lines.append(f"| {name} | not run | | | | | | | | `scripts/results/{script}` |")
+            lines.append(f"| {name} | not run | | | | | | | | `{cmd(script)}` |")
             continue
         run = d.split("/")[0]
         lines.append(
             f"| {name} | **{pct(m['recall_at_1'])}** | {pct(m['recall_at_2'])} | {pct(m['recall_at_4'])} | "
             f"{pct(m['recall_at_8'])} | {pct(m['map_at_r'])} | {m.get('n', '—')} | "
             f"{setup(run) if (RUNS / run / 'config.yaml').is_file() else str(m.get('dim', '')) + '-d'} | {cost} | "
-            f"`scripts/results/{script}` |"
+            f"`{cmd(script)}` |"
         )
     return head + "\n".join(lines) + "\n"
 

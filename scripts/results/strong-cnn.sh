@@ -6,6 +6,6 @@
 source "$(dirname "$0")/common.sh"
 timed strong-cnn "$CS" train --preset strong-cnn-scratch --data "$DATA" --out "$RUNS/strong-cnn" "${SIZE[@]}" \
   --epochs "${EPOCHS:-12}" --set schedule.warmup_epochs=1 --set train.ema_decay=0.99 \
-  --set "description=Strong from-scratch recipe - 5-block CNN with BatchNorm, RRC/flip/jitter/erasing, AdamW cosine, label smoothing, EMA 0.99, ${EPOCHS:-12} epochs (preset 150), 128 px (preset 224)" \
+  --set "description=Strong from-scratch recipe - 5-block CNN with BatchNorm, RRC/flip/jitter/erasing, AdamW cosine, label smoothing, EMA 0.99, ${EPOCHS:-12} epochs (preset 150), ${IMG:-128} px (preset 224)" \
   "$@"
 timed strong-cnn "$CS" evaluate "$RUNS/strong-cnn" --split test

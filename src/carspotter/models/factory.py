@@ -212,7 +212,10 @@ def create_model(cfg: ModelConfig, num_classes: int, img_size: int = 224) -> Car
     if cfg.arch == SCRATCH:
         from carspotter.models.scratch import he_init
 
-        model.apply(he_init)
+        backbone.apply(he_init)  # He init where a ReLU follows; the linear classifier keeps a small init
+        if isinstance(model.classifier, nn.Linear):
+            nn.init.normal_(model.classifier.weight, std=0.01)
+            nn.init.zeros_(model.classifier.bias)
         if cfg.weights:
             load_backbone_weights(backbone, cfg.weights)
     model.preprocess = Preprocess(

@@ -52,6 +52,8 @@ def detect(src: str | Path) -> tuple[str, str]:
         found = manifest_csv.detect(src)
         if found:
             return "manifest-csv", found
+        if src.suffix.lower() == ".csv":
+            raise LayoutError(manifest_csv.header_problem(src))
         raise LayoutError(f"{src}: is a file but not a manifest CSV; layouts we read:\n{expectations()}")
     for lay in LAYOUTS.values():
         found = lay.detect(src)

@@ -45,6 +45,22 @@ def find_csv(src: Path) -> Path | None:
     return None
 
 
+def header_problem(path: Path) -> str:
+    """Why the CSV at `path` is not a manifest, naming the columns it has and the ones it lacks."""
+    cols = _header(path)
+    if not cols:
+        return f"{path}: no header row (or not readable as UTF-8 CSV)"
+    lacks = [
+        f"a {what} column (one of {', '.join(opts)})"
+        for what, opts, ok in (
+            ("path", PATH_COLS, _pick(cols, PATH_COLS)),
+            ("class", NAME_COLS + ID_COLS, _pick(cols, NAME_COLS) or _pick(cols, ID_COLS)),
+        )
+        if not ok
+    ]
+    return f"{path}: not a manifest CSV: its header {cols} lacks " + " and ".join(lacks)
+
+
 def detect(src: Path) -> str | None:
     p = find_csv(src)
     if p is None:
@@ -67,9 +83,7 @@ def read(src: Path) -> LayoutRead:
     path = find_csv(src)
     if path is None:
         if src.is_file():
-            raise LayoutError(
-                f"{src}: needs a header with a path column {PATH_COLS} and a class column {NAME_COLS}"
-            )
+            raise LayoutError(header_problem(src))
         raise LayoutError(f"{src}: no manifest CSV ({', '.join(CSV_NAMES)}) with path and class columns")
     base = path.parent
     out = LayoutRead(items=[])
