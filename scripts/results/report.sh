@@ -3,7 +3,7 @@
 # docs/results-report/ (the HTML, with the images inlined, stays outside the repository).
 source "$(dirname "$0")/common.sh"
 runs=()
-for d in seed-t1 seed-t2 seed-t3 strong-efficientnet seed-s1 seed-s2 seed-s3 strong-cnn strong-proxyanchor; do
+for d in seed-t1 seed-t2 seed-t3 strong-efficientnet strong-efficientnet-192 strong-448-recipe seed-s1 seed-s2 seed-s3 strong-cnn strong-proxyanchor; do
   [ -f "$RUNS/$d/config.yaml" ] && runs+=("$RUNS/$d")
 done
 idx=()
