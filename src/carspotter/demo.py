@@ -41,10 +41,10 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "default": Scale(
-        synth={"classes": 16, "per_class": 40, "size": 64, "seed": 0},
+        synth={"classes": 24, "per_class": 40, "size": 64, "seed": 0},
         img_size=48,
         batch_size=32,
-        epochs={"frozen": 6, "finetune": 3, "progressive": 4, "scratch": 6, "strong": 6, "metric": 3},
+        epochs={"frozen": 8, "finetune": 4, "progressive": 5, "scratch": 12, "strong": 10, "metric": 3},
         budget_reserve_s=25.0,
     ),
     "tiny": Scale(

@@ -414,7 +414,8 @@ def _fit(
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+        # warm-up: the decay ramps 1 - (1 + step)^(-2/3) up to ema_decay, so a short run's EMA is not its init
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
 
     ctx = StepContext(
         device=device,
