@@ -22,6 +22,15 @@ TRANSFER = [
     ("T2", "seed-t2", "metrics.json", "t2.sh", 73.8),
     ("T3", "seed-t3", "metrics.json", "t3.sh", 71.7),
     ("strong", "strong-efficientnet", "metrics.json", "strong-efficientnet.sh", None),
+    ("strong-resnet50-448 recipe", "strong-448-recipe", "metrics.json", "strong-448-recipe.sh", None),
+    (
+        "strong, all stages",
+        "strong-efficientnet-all",
+        "metrics.json",
+        "NAME=strong-efficientnet-all strong-efficientnet.sh --set 'model.unfreeze_schedule={}' "
+        "--set model.backbone_lr_mult=1.0",
+        None,
+    ),
     (
         "strong, 192 px",
         "strong-efficientnet-192",
@@ -43,15 +52,19 @@ SCRATCH = [
 ]
 RETRIEVAL = [
     ("frozen", "retrieval-frozen-lite0", "retrieval-frozen.sh"),
-    ("Proxy-Anchor", "strong-proxyanchor/index-test", "EPOCHS=8 retrieval-metric.sh"),
+    ("Proxy-Anchor, 8 epochs", "strong-proxyanchor/index-test", "EPOCHS=8 retrieval-metric.sh"),
+    (
+        "Proxy-Anchor, 16 epochs",
+        "strong-proxyanchor-16/index-test",
+        "NAME=strong-proxyanchor-16 EPOCHS=16 retrieval-metric.sh",
+    ),
 ]
 TIME_NAME = {"seed-t1": "seed-t1", "seed-t2": "seed-t2", "seed-t3": "seed-t3"}
 
 
 def cmd(script: str) -> str:
-    """`ENV=… name.sh` → `ENV=… scripts/results/name.sh` (the settings the row was run with)."""
-    *env, name = script.split()
-    return " ".join([*env, f"scripts/results/{name}"])
+    """`ENV=… name.sh ARGS` → `ENV=… scripts/results/name.sh ARGS` (the settings the row was run with)."""
+    return " ".join(f"scripts/results/{w}" if w.endswith(".sh") else w for w in script.split(" "))
 
 
 def load(p: Path) -> dict | None:
@@ -142,8 +155,8 @@ def retrieval_table() -> str:
     lines = []
     for name, d, script in RETRIEVAL:
         m = load(RUNS / d / "metrics.json")
-        tname = script.removesuffix(".sh")
-        t = times(tname)
+        run = d.split("/")[0]
+        t = times(run) or times(next(w for w in script.split() if w.endswith(".sh")).removesuffix(".sh"))
         cost = (
             (
                 f"{sum(x['wall_s'] for x in t) / 60:.0f} min / "
@@ -155,7 +168,6 @@ def retrieval_table() -> str:
         if m is None:
             lines.append(f"| {name} | not run | | | | | | | | `{cmd(script)}` |")
             continue
-        run = d.split("/")[0]
         lines.append(
             f"| {name} | **{pct(m['recall_at_1'])}** | {pct(m['recall_at_2'])} | {pct(m['recall_at_4'])} | "
             f"{pct(m['recall_at_8'])} | {pct(m['map_at_r'])} | {m.get('n', '—')} | "

@@ -4,10 +4,11 @@
 # frozen; preset 128 px, 60 epochs) trained on classes 1–98 (val = 10 % of their photos, best epoch by val R@1)
 # at 128 px (resize 146, as the preset) for ${EPOCHS:-12} epochs; then the 99–196 test photos are indexed and every one queries the rest.
 source "$(dirname "$0")/common.sh"
-timed retrieval-metric "$CS" train --preset strong-proxyanchor-efficientnet-lite0 --data "$RDATA" \
-  --out "$RUNS/strong-proxyanchor" "${LITE0[@]}" "${SIZE[@]}" --epochs "${EPOCHS:-12}" \
+NAME="${NAME:-strong-proxyanchor}"   # e.g. NAME=strong-proxyanchor-16 EPOCHS=16
+timed "$NAME" "$CS" train --preset strong-proxyanchor-efficientnet-lite0 --data "$RDATA" \
+  --out "$RUNS/$NAME" "${LITE0[@]}" "${SIZE[@]}" --epochs "${EPOCHS:-12}" \
   --set "description=Proxy-Anchor metric learning on EfficientNet-Lite0 ImageNet weights, 512-d, classes 1-98, ${EPOCHS:-12} epochs (preset 60), 128 px" \
   "$@"
-timed retrieval-metric "$CS" index "$RUNS/strong-proxyanchor" --data "$RDATA" --split test --metric cosine \
-  --out "$RUNS/strong-proxyanchor/index-test"
-timed retrieval-metric "$CS" evaluate "$RUNS/strong-proxyanchor/index-test"
+timed "$NAME" "$CS" index "$RUNS/$NAME" --data "$RDATA" --split test --metric cosine \
+  --out "$RUNS/$NAME/index-test"
+timed "$NAME" "$CS" evaluate "$RUNS/$NAME/index-test"
