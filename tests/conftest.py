@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,27 @@ def make_tiny_prepared(
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_prepared(tmp_path_factory.mktemp("tiny") / "prepared")
+
+
+# The smallest trainable configuration: a 2-block scratch CNN on 32 px photos (add "epochs").
+TINY_OVERRIDES: dict[str, object] = {
+    "model.arch": "scratch_cnn",
+    "model.channels": [8, 16],
+    "model.hidden_dim": 32,
+    "pretrained": False,
+    "img_size": 32,
+    "batch_size": 4,
+    "device": "cpu",
+    "train.amp": False,  # bf16 autocast only pays off for real model sizes
+}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one OpenMP thread is much faster than two fighting for cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,14 +32,6 @@ METRIC = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_metric_run_trains_proxies_selects_by_recall_and_resumes_exactly(
     tiny_prepared, tmp_path, monkeypatch
 ):

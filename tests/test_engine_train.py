@@ -22,18 +22,9 @@ from carspotter.engine import train as train_mod
 from carspotter.engine.evaluate import classification_metrics, evaluate_run, predict_images
 from carspotter.engine.train import fit
 from carspotter.utils import OutputExistsError
+from conftest import TINY_OVERRIDES
 
-TINY = {
-    "model.arch": "scratch_cnn",
-    "model.channels": [8, 16],
-    "model.hidden_dim": 32,
-    "pretrained": False,
-    "img_size": 32,
-    "batch_size": 4,
-    "epochs": 4,
-    "device": "cpu",
-    "train.amp": False,  # bf16 autocast only pays off for real model sizes
-}
+TINY = {**TINY_OVERRIDES, "epochs": 4}
 # Every source of randomness the engine has to replay on resume.
 RANDOM = {
     "model.dropout": 0.3,
@@ -48,15 +39,6 @@ RANDOM = {
     "schedule.warmup_epochs": 1,
     "train.ema_decay": 0.9,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one OpenMP thread is much faster than two fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from carspotter.cli import build_app
@@ -26,15 +25,6 @@ CLASSIFICATION = [
     "strong-cnn-scratch",
     "strong-efficientnet-lite0-finetune",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine two OpenMP threads per process can be many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_all_presets_load_and_take_overrides(tmp_path):

@@ -34,30 +34,13 @@ from carspotter.engine import checkpoint as ck
 from carspotter.engine.train import fit
 from carspotter.models.factory import WeightsError, load_backbone_weights
 from carspotter.utils import atomic_path, atomic_write_bytes, atomic_write_json
+from conftest import TINY_OVERRIDES
 from test_data_layouts import NAMES, cell_array, jpeg, make_devkit, make_kaggle, struct_array
 from test_data_prepare import bomb_png
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "carspotter"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = {
-    "model.arch": "scratch_cnn",
-    "model.channels": [8, 16],
-    "model.hidden_dim": 32,
-    "pretrained": False,
-    "img_size": 32,
-    "batch_size": 4,
-    "epochs": 1,
-    "device": "cpu",
-    "train.amp": False,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = {**TINY_OVERRIDES, "epochs": 1}
 
 
 def tiny_cfg(**overrides: object) -> ExperimentConfig:

@@ -14,14 +14,6 @@ from carspotter.retrieval.losses import LOSSES, build_metric_loss, build_sampler
 D, C = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg_with(**over: object) -> ExperimentConfig:
     return apply_overrides(ExperimentConfig(), {k.replace("__", "."): v for k, v in over.items()})
 
