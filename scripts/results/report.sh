@@ -13,6 +13,9 @@ done
 "$CS" report "${runs[@]}" "${idx[@]}" --out "$RUNS/report" --overwrite
 dest="$REPO/docs/results-report"
 rm -rf "$dest" && mkdir -p "$dest"
-cp "$RUNS/report/report.md" "$dest/"
-find "$RUNS/report" -maxdepth 1 -name '*.png' -exec cp {} "$dest/" \;
+# The retrieval grids are mosaics of Stanford Cars photos (non-commercial research use, kept in ../shared, never in
+# the repository): the copy in docs/ keeps tables, curves and the confusion matrix and points at the full report.
+sed -E 's#^!\[(Retrieval examples from [^]]*)\]\(retrieval_[^)]*\.png\)#*(\1: a mosaic of Stanford Cars photos, in the full report at `$RUNS/report/report.html`, not copied into the repository)*#' \
+  "$RUNS/report/report.md" > "$dest/report.md"
+find "$RUNS/report" -maxdepth 1 -name '*.png' ! -name 'retrieval_*' -exec cp {} "$dest/" \;
 du -sh "$dest"

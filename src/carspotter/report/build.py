@@ -100,7 +100,10 @@ def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
     sec = Section("Retrieval examples")
     if not index_dirs:
         sec.blocks.append(Para("— no index dir given (pass --index INDEX_DIR).", "note"))
+    names = [ix.name for ix in index_dirs]
     for ix in index_dirs:
+        # two indexes with one folder name (run-a/index-test, run-b/index-test) must not share a figure
+        label = f"{ix.parent.name}/{ix.name}" if names.count(ix.name) > 1 else ix.name
         try:
             png, how = retrieval_examples(ix, n_queries=n_queries, k=k)
         except Exception as e:  # a broken index must not sink the rest of the report
@@ -111,7 +114,7 @@ def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
             continue
         sec.blocks.append(Para(how + ". Green frame / ✓ = same class as the query; red / ✗ = another class."))
         sec.blocks.append(
-            Figure(f"retrieval_{_slug(ix.name)}.png", png, f"Retrieval examples from {ix.name}")
+            Figure(f"retrieval_{_slug(label)}.png", png, f"Retrieval examples from {label}")
         )
     return sec
 
