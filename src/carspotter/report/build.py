@@ -113,9 +113,7 @@ def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
             )
             continue
         sec.blocks.append(Para(how + ". Green frame / ✓ = same class as the query; red / ✗ = another class."))
-        sec.blocks.append(
-            Figure(f"retrieval_{_slug(label)}.png", png, f"Retrieval examples from {label}")
-        )
+        sec.blocks.append(Figure(f"retrieval_{_slug(label)}.png", png, f"Retrieval examples from {label}"))
     return sec
 
 
