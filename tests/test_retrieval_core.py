@@ -236,3 +236,14 @@ def test_knn_against_saved_index_equals_slow_path(tmp_path: Path, tiny_prepared:
     assert json.loads((tmp_path / "ix" / "metrics_knn1_test.json").read_text())["k"] == 1
     r = _cli("evaluate", str(tmp_path / "ix"), "--knn", "1")
     assert r.returncode != 0 and "--data" in r.stderr
+
+
+def test_pq_indexes_skip_polysemous_training() -> None:
+    """Polysemous training only serves Hamming-filtered search and made PQ training 30x slower."""
+    import faiss
+
+    x, y = _clustered(n=400, d=16)
+    for kind in ("IVF4,PQ4", "PQ4"):
+        idx = GalleryIndex.build(x, _meta(y), index_type=kind).index
+        inner = faiss.try_extract_index_ivf(idx) or idx
+        assert faiss.downcast_index(inner).do_polysemous_training is False, kind

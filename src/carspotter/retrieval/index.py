@@ -72,6 +72,7 @@ class GalleryIndex:
             index = faiss.index_factory(x.shape[1], index_type, faiss_metric)
         except RuntimeError as e:
             raise ValueError(f"--index-type {index_type!r}: not a FAISS index_factory string ({e})") from None
+        _no_polysemous_training(index)
         if not index.is_trained:
             # IVF/PQ need a training sample: FAISS wants ~39 vectors per centroid; cap for speed.
             n_train = min(len(x), train_size or max(50_000, 39 * _nlist(index)))
@@ -186,3 +187,17 @@ def _find_hnsw(index: Any) -> Any:
         if base is not None and hasattr(faiss.downcast_index(base), "hnsw"):
             return faiss.downcast_index(base)
     return None
+
+
+def _no_polysemous_training(index: Any) -> None:
+    """`index_factory("…,PQm")` turns on polysemous training, which only Hamming-filtered search uses; it made
+    training IVF256,PQ16 on 20 k vectors 30x slower here (22 s vs 0.7 s). carspotter never searches that way."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    for idx in (index, ivf):
+        if idx is None:
+            continue
+        idx = faiss.downcast_index(idx)
+        if hasattr(idx, "do_polysemous_training"):
+            idx.do_polysemous_training = False
