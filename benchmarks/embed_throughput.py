@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from carspotter.data.dataset import PreparedDataset
 from carspotter.data.manifest import read_manifest, split_records
 from carspotter.data.transforms import build_transform, resize_size_for
 from carspotter.models.factory import CarModel, create_model
-from carspotter.models.fuse import fold_batchnorm
+from carspotter.models.fuse import CPU_CHUNK, fold_batchnorm, forward_chunked
 
 RATIO_GOAL = 1.4
 ROOFLINE_GOAL = 0.75
@@ -79,10 +80,13 @@ def naive_embed(model: CarModel, root: Path, paths: list[str], img_size: int, ba
     return np.concatenate(out)
 
 
-def carspotter_embed(model: CarModel, ds: Dataset, batch_size: int, num_workers: int) -> np.ndarray:
+def carspotter_embed(
+    model: CarModel, ds: Dataset, batch_size: int, num_workers: int, **knobs: Any
+) -> np.ndarray:
+    """`embed_dataset` as `carspotter index` calls it; `knobs` (fold_bn, cpu_chunk) only for the ablation."""
     from carspotter.retrieval.embed import embed_dataset
 
-    return embed_dataset(model, ds, batch_size=batch_size, device="cpu", num_workers=num_workers)
+    return embed_dataset(model, ds, batch_size=batch_size, device="cpu", num_workers=num_workers, **knobs)
 
 
 def compare(args: argparse.Namespace, arch: str, size: int, root: Path, records: list, peaks: dict) -> None:
@@ -199,18 +203,28 @@ def ablation(base: CarModel, ds: Dataset, size: int, flops: float, args: argpars
 
         return f
 
+    def chunked(m, inp):
+        def f():
+            with torch.inference_mode():
+                return forward_chunked(m.embed, inp, CPU_CHUNK)
+
+        return f
+
     def xb(b: int) -> torch.Tensor:
         return torch.randn(b, 3, size, size).contiguous(memory_format=torch.channels_last)
 
     v: dict[str, tuple] = {
         "NCHW fp32, no_grad (naive)": (call(nchw, x, grad=True), bs),
         "NCHW fp32, inference_mode": (call(nchw, x), bs),
-        "channels_last (embed_dataset now)": (call(cl, xcl), bs),
+        "channels_last": (call(cl, xcl), bs),
         "channels_last, 1 thread": (call(cl, xcl, threads=1), bs),
         f"channels_last + BN fold ({n_folded} BN)": (call(folded, xcl), bs),
         "channels_last + BN fold, 1 thread": (call(folded, xcl, threads=1), bs),
         "channels_last + BN fold, batch 32": (call(folded, xb(32)), 32),
         "channels_last + BN fold, batch 128": (call(folded, xb(128)), 128),
+        "channels_last + BN fold, batch 16": (call(folded, xb(16)), 16),
+        "channels_last + BN fold, batch 8": (call(folded, xb(8)), 8),
+        f"+ BN fold, {bs} in chunks of {CPU_CHUNK} (embed_dataset)": (chunked(folded, xcl), bs),
     }
     if bf16:
         v["channels_last bf16 autocast"] = (call(cl, xcl, amp=True), bs)
@@ -224,7 +238,7 @@ def ablation(base: CarModel, ds: Dataset, size: int, flops: float, args: argpars
         v["channels_last + BN fold, torch.compile"] = (call(comp, xcl), bs)
     print(f"-- ablation, model only (random tensors, {reps} interleaved reps; img/s best / median, GFLOP/s):")
     for name, r in _interleaved(v, reps).items():
-        print(f"   {name:<42} {max(r):8.1f} / {statistics.median(r):8.1f}   {max(r) * flops / 1e9:7.1f}")
+        print(f"   {name:<50} {max(r):8.1f} / {statistics.median(r):8.1f}   {max(r) * flops / 1e9:7.1f}")
     if bf16:
         with torch.inference_mode():
             a = folded.embed(xcl)
@@ -245,7 +259,7 @@ def ablation(base: CarModel, ds: Dataset, size: int, flops: float, args: argpars
     loads = {f"num_workers={nw}": ((lambda nw=nw: load(nw)), n) for nw in (0, 1, 2)}
     print(f"-- ablation, loader only (decode + resize + crop + normalise, batch {bs}; img/s best / median):")
     for name, r in _interleaved(loads, max(1, reps - 1)).items():
-        print(f"   {name:<42} {max(r):8.1f} / {statistics.median(r):8.1f}")
+        print(f"   {name:<50} {max(r):8.1f} / {statistics.median(r):8.1f}")
 
     def one_thread(fn):
         def f():
@@ -258,17 +272,21 @@ def ablation(base: CarModel, ds: Dataset, size: int, flops: float, args: argpars
 
         return f
 
+    plain = {"fold_bn": False, "cpu_chunk": None}
     e2e = {
-        f"embed_dataset (batch {bs}, workers 0)": (lambda: carspotter_embed(cl, ds, bs, 0), n),
-        f"embed_dataset (batch {bs}, workers 1)": (lambda: carspotter_embed(cl, ds, bs, 1), n),
-        "+ BN fold": (lambda: carspotter_embed(folded, ds, bs, 0), n),
-        "+ BN fold, batch 16": (lambda: carspotter_embed(folded, ds, 16, 0), n),
-        "+ BN fold, batch 16, 1 thread": (one_thread(lambda: carspotter_embed(folded, ds, 16, 0)), n),
-        "+ BN fold, b16, 1 thread, 1 worker": (one_thread(lambda: carspotter_embed(folded, ds, 16, 1)), n),
+        f"embed_dataset, no BN fold, no chunks (batch {bs})": (
+            lambda: carspotter_embed(cl, ds, bs, 0, **plain),
+            n,
+        ),
+        "+ BN fold": (lambda: carspotter_embed(cl, ds, bs, 0, cpu_chunk=None), n),
+        f"+ BN fold + chunks of {CPU_CHUNK} (default)": (lambda: carspotter_embed(cl, ds, bs, 0), n),
+        "default, 1 worker": (lambda: carspotter_embed(cl, ds, bs, 1), n),
+        "default, 1 thread": (one_thread(lambda: carspotter_embed(cl, ds, bs, 0)), n),
+        "default, 1 thread, 1 worker": (one_thread(lambda: carspotter_embed(cl, ds, bs, 1)), n),
     }
     print(f"-- ablation, whole path ({n} images; img/s best / median, GFLOP/s):")
     for name, r in _interleaved(e2e, max(1, reps - 1)).items():
-        print(f"   {name:<42} {max(r):8.1f} / {statistics.median(r):8.1f}   {max(r) * flops / 1e9:7.1f}")
+        print(f"   {name:<50} {max(r):8.1f} / {statistics.median(r):8.1f}   {max(r) * flops / 1e9:7.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 
 from carspotter.config import ModelConfig
 from carspotter.models.factory import create_model
-from carspotter.models.fuse import fold_batchnorm
+from carspotter.models.fuse import fold_batchnorm, forward_chunked
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -98,3 +98,32 @@ def test_folding_works_inside_inference_mode() -> None:
         folded, n = fold_batchnorm(model, x[:2], lambda m, t: m.embed(t))
         torch.testing.assert_close(folded.embed(x), model.embed(x), rtol=1e-4, atol=1e-5)
     assert n > 0
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 7, 16])
+def test_chunked_forward_equals_one_call(chunk: int | None) -> None:
+    """Cutting a batch into chunks (the CPU speed-up) changes nothing: same rows, same order, same values."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_resnet", pretrained=False), 5, img_size=32).eval()
+    _randomise_bn(model)
+    x = torch.randn(10, 3, 32, 32)  # 10 is not a multiple of 3 or 7: the last chunk is short
+    with torch.inference_mode():
+        whole = model(x)  # (10, 5)
+        out = forward_chunked(model, x, chunk)
+    assert out.shape == whole.shape
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_dataset_chunking_keeps_the_vectors() -> None:
+    from torch.utils.data import TensorDataset
+
+    from carspotter.retrieval.embed import embed_dataset
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet", pretrained=False), 0, img_size=32).eval()
+    _randomise_bn(model)
+    ds = TensorDataset(torch.randn(11, 3, 32, 32))
+    one = embed_dataset(model, ds, batch_size=8, cpu_chunk=None, fold_bn=False)  # (11, D)
+    chunked = embed_dataset(model, ds, batch_size=8, cpu_chunk=3)
+    assert chunked.shape == one.shape == (11, model.embed_dim)
+    assert abs(chunked - one).max() < 1e-4

@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from carspotter.config import DataConfig
 from carspotter.engine.checkpoint import RunError, load_run, read_run_config
+from carspotter.models.fuse import CPU_CHUNK, forward_chunked
 from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
 
 PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs"]
@@ -129,7 +130,8 @@ def evaluate_run(
         for x, _ in loader:
             x = x.to(dev, memory_format=torch.channels_last)
             t0 = time.perf_counter()
-            out = model.embed(x) if metric_task else model(x)  # (B, D) or (B, C)
+            fn = model.embed if metric_task else model
+            out = forward_chunked(fn, x, CPU_CHUNK if dev.type == "cpu" else None)  # (B, D) or (B, C)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0

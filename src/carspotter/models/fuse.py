@@ -1,4 +1,5 @@
-"""Inference-only speed-up: fold eval-mode BatchNorm into the convolution that feeds it.
+"""Inference-only CPU speed-ups: fold eval-mode BatchNorm into the convolution that feeds it, and run a
+loader's batch through the network in cache-sized chunks (`forward_chunked`).
 
 In eval mode BN is a per-channel affine map, so `bn(conv(x)) == conv'(x)` with rescaled weights and a bias.
 Removing the BN pass saves a full read+write of every activation map: measured 1.3x for ResNet-50 @224 and
@@ -98,3 +99,19 @@ def _fold(model: nn.Module, example: torch.Tensor, forward: Forward, rtol: float
     if out.shape != ref.shape or float((out - ref).abs().max()) > rtol * scale:
         return copy.deepcopy(model).eval(), 0  # something shares a conv output: keep it unfolded
     return folded, len(pairs)
+
+
+CPU_CHUNK = 16  # images per forward on CPU: measured best for Lite0 @128 and ResNet-50 @224 (BENCHMARKS.md)
+
+
+def forward_chunked(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int | None
+) -> torch.Tensor:
+    """fn over `x` in slices of `chunk` images, concatenated (chunk None or ≥ len(x): one call).
+
+    Why: on a CPU the activations of a 64-image batch spill out of the caches; 16 images at a time keep them
+    close and run 2.3x faster for EfficientNet-Lite0 @128 (1.2x for ResNet-50 @224) with the same outputs.
+    """
+    if chunk is None or chunk <= 0 or x.shape[0] <= chunk:
+        return fn(x)
+    return torch.cat([fn(c) for c in x.split(chunk)])  # (B, ...)
