@@ -36,6 +36,9 @@ class DataConfig:
     root: str = ""  # a prepared dataset directory (manifest.csv + images/)
     img_size: int = 224
     resize_size: int | None = None  # shorter side before cropping; None → round(img_size / 0.875)
+    # How a photo becomes a square: "center" = shorter side to resize_size, centre crop (timm/torchvision default);
+    # "squash" = the whole photo resized to img_size × img_size, aspect ratio ignored (nothing of the car cut off).
+    crop_mode: str = "center"
     batch_size: int = 32
     num_workers: int = 0
     train_split: str = "train"
@@ -141,6 +144,7 @@ ALIASES: dict[str, str] = {
     "epochs": "train.epochs",
     "img_size": "data.img_size",
     "resize_size": "data.resize_size",
+    "crop_mode": "data.crop_mode",
     "batch_size": "data.batch_size",
     "num_workers": "data.num_workers",
     "backbone": "model.arch",

@@ -61,13 +61,20 @@ def export_metadata(model: CarModel, info: ModelInfo, img_size: int, resize_size
         "interpolation": pre.interpolation,
         "layout": "NCHW",
         "color": "RGB",
-        "recipe": "shorter side to resize_size, centre-crop img_size, scale to [0,1], (x - mean) / std",
+        "crop_mode": info.crop_mode,
+        "recipe": (
+            "whole photo to img_size x img_size (aspect ignored)"
+            if info.crop_mode == "squash"
+            else "shorter side to resize_size, centre-crop img_size"
+        )
+        + ", scale to [0,1], (x - mean) / std",
     }
     return {
         "carspotter.format": "1",
         "preprocess": json.dumps(preprocess),
         "img_size": str(img_size),
         "resize_size": str(resize_size),
+        "crop_mode": info.crop_mode,
         "mean": json.dumps(list(pre.mean)),
         "std": json.dumps(list(pre.std)),
         "class_names": json.dumps(list(info.class_names)),
@@ -221,7 +228,7 @@ def export_onnx(
         onnx.save_model(proto, str(tmp))
 
     if paths:
-        x = load_check_images(paths[:max_check_images], model, size, resize)
+        x = load_check_images(paths[:max_check_images], model, size, resize, info.crop_mode)
         parity = check_parity(head, out_path, [x, x[:1]])
         source = f"{len(x)} images"
     else:
@@ -257,15 +264,16 @@ def image_files(items: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def load_check_images(paths: Sequence[Path], model: CarModel, img_size: int, resize: int) -> torch.Tensor:
+def load_check_images(
+    paths: Sequence[Path], model: CarModel, img_size: int, resize: int, crop_mode: str = "center"
+) -> torch.Tensor:
     """Photos → the evaluation preprocessing the metadata describes → (N, 3, img_size, img_size)."""
     from carspotter.config import DataConfig
     from carspotter.data.images import open_rgb
     from carspotter.data.transforms import build_transform
 
-    tf = build_transform(
-        DataConfig(img_size=img_size, resize_size=resize), model.preprocess.mean, model.preprocess.std, False
-    )
+    data = DataConfig(img_size=img_size, resize_size=resize, crop_mode=crop_mode)
+    tf = build_transform(data, model.preprocess.mean, model.preprocess.std, False)
     return torch.stack([tf(open_rgb(p)) for p in paths])
 
 

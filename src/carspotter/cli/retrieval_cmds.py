@@ -30,6 +30,11 @@ def index(
     ),
     weights: str | None = typer.Option(None, "--weights", help="Local weights file for --backbone."),
     img_size: int = typer.Option(224, "--img-size", help="Input size for --backbone."),
+    crop_mode: str | None = typer.Option(
+        None,
+        "--crop-mode",
+        help="center (shorter side, centre crop) | squash (whole photo to a square); default: the run's, or center.",
+    ),
     source: str = typer.Option("auto", "--source", help="auto | features | embedding"),
     batch_size: int = typer.Option(64, "--batch-size"),
     num_workers: int = typer.Option(0, "--num-workers"),
@@ -65,6 +70,7 @@ def index(
         ef_search=ef_search,
         overwrite=overwrite,
         model_info=model_info,
+        crop_mode=crop_mode,
     )
     info = idx.info
     typer.echo(
@@ -99,6 +105,7 @@ def search(
         device=device,
         source=idx.info.get("embed_source", "auto"),
         resize_size=idx.info.get("resize_size"),
+        crop_mode=idx.info.get("crop_mode", "center"),
     )
     dists, ids = idx.search(q, k)
     root = Path(idx.info.get("data_root", "."))

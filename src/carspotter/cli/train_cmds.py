@@ -56,6 +56,9 @@ def train(
     out: Path = typer.Option(..., "--out", help="The run directory to create (or --resume)."),
     epochs: int | None = typer.Option(None, "--epochs"),
     img_size: int | None = typer.Option(None, "--img-size"),
+    crop_mode: str | None = typer.Option(
+        None, "--crop-mode", help="center (shorter side, centre crop) | squash (whole photo to a square)."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per process."),
     backbone: str | None = typer.Option(None, "--backbone", help="Any timm model name, or scratch_cnn."),
     weights: Path | None = typer.Option(
@@ -94,6 +97,7 @@ def train(
     given = {
         "epochs": epochs,
         "img_size": img_size,
+        "crop_mode": crop_mode,
         "batch_size": batch_size,
         "backbone": backbone,
         "weights": str(weights.resolve()) if weights else None,

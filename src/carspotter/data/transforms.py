@@ -36,6 +36,16 @@ def resize_size_for(data: DataConfig) -> int:
     return data.resize_size or round(data.img_size / 0.875)
 
 
+CROP_MODES = ("center", "squash")
+
+
+def _resize(data: DataConfig, side: int) -> T.Resize:
+    """center: shorter side → `side` (aspect kept); squash: the whole photo → side × side."""
+    if data.crop_mode not in CROP_MODES:
+        raise ValueError(f"data.crop_mode must be one of {CROP_MODES}, got {data.crop_mode!r}")
+    return T.Resize((side, side) if data.crop_mode == "squash" else side, antialias=True)
+
+
 def build_transform(
     data: DataConfig, mean: Sequence[float], std: Sequence[float], train: bool
 ) -> Callable[[Image.Image], torch.Tensor]:
@@ -46,9 +56,11 @@ def build_transform(
     if train and aug.random_resized_crop:
         ops.append(T.RandomResizedCrop(size, scale=(aug.rrc_scale_min, 1.0), antialias=True))
     elif train and aug.random_crop:
-        ops += [T.Resize(resize_size_for(data), antialias=True), T.RandomCrop(size)]
+        ops += [_resize(data, resize_size_for(data)), T.RandomCrop(size)]
+    elif data.crop_mode == "squash":  # eval: the whole photo, nothing cropped away
+        ops.append(_resize(data, size))
     else:
-        ops += [T.Resize(resize_size_for(data), antialias=True), T.CenterCrop(size)]
+        ops += [_resize(data, resize_size_for(data)), T.CenterCrop(size)]
     if train:
         if aug.hflip:
             ops.append(T.RandomHorizontalFlip())

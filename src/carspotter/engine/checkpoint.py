@@ -41,6 +41,7 @@ class ModelInfo:
     class_names: list[str]
     preprocess: dict[str, Any]  # img_size, mean, std, interpolation
     resize_size: int | None = None
+    crop_mode: str = "center"  # data.crop_mode: how eval photos become squares (center crop or squash)
     source: str = ""  # where the weights came from (run dir, pretrained file …)
 
     def to_json(self) -> dict[str, Any]:
@@ -50,6 +51,7 @@ class ModelInfo:
             "class_names": self.class_names,
             "preprocess": self.preprocess,
             "resize_size": self.resize_size,
+            "crop_mode": self.crop_mode,
             "source": self.source,
         }
 
@@ -61,6 +63,7 @@ def model_info(model: CarModel, cfg: ExperimentConfig, class_names: list[str]) -
         class_names=list(class_names),
         preprocess=model.preprocess.to_dict(),
         resize_size=cfg.data.resize_size,
+        crop_mode=cfg.data.crop_mode,
     )
 
 

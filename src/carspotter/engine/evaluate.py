@@ -63,10 +63,13 @@ def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def eval_transform(img_size: int, resize_size: int | None, mean: Any, std: Any) -> Any:
+def eval_transform(
+    img_size: int, resize_size: int | None, mean: Any, std: Any, crop_mode: str = "center"
+) -> Any:
     from carspotter.data.transforms import build_transform
 
-    return build_transform(DataConfig(img_size=img_size, resize_size=resize_size), mean, std, train=False)
+    data = DataConfig(img_size=img_size, resize_size=resize_size, crop_mode=crop_mode)
+    return build_transform(data, mean, std, train=False)
 
 
 def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
@@ -106,7 +109,7 @@ def evaluate_run(
     model, info = load_run(run_dir, str(dev))
     data_dir = Path(data_dir or cfg.data.root)
     p = info.preprocess
-    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"])
+    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"], info.crop_mode)
     ds = PreparedDataset(data_dir, split, transform=tf, crop_bbox=cfg.data.crop_bbox)
     if ds.class_names != info.class_names:
         raise RunError(
@@ -170,7 +173,7 @@ def predict_images(
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
     p = info.preprocess
-    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"])
+    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"], info.crop_mode)
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     with torch.inference_mode():
         probs = model(x).float().softmax(dim=1).cpu()  # (N, C)

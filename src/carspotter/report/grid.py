@@ -73,6 +73,7 @@ def _search_with_model(index: Any, queries: list[dict[str, Any]], k: int) -> Any
         device="cpu",
         source=index.info.get("embed_source", "auto"),
         resize_size=index.info.get("resize_size"),
+        crop_mode=index.info.get("crop_mode", "center"),
     )  # (Q, D)
     return index.search(emb, k)
 

@@ -36,10 +36,12 @@ def build_index_from_run(
     ef_search: int = 64,
     overwrite: bool = False,
     model_info: dict[str, Any] | None = None,
+    crop_mode: str | None = None,
 ) -> GalleryIndex:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
     `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder.
+    `crop_mode` (center | squash) defaults to the run's own, or "center" for a bare model.
     """
     from carspotter.engine.checkpoint import load_run
     from carspotter.retrieval.embed import embed_dataset, eval_transform
@@ -49,15 +51,16 @@ def build_index_from_run(
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
-    resize_size = None
+    resize_size, run_crop = None, "center"
     if isinstance(run_or_model, CarModel):
         model = run_or_model
     else:
         model, minfo = load_run(run_or_model, dev)
         info["run_dir"] = str(Path(run_or_model).resolve())
         info["class_names_model"] = minfo.class_names
-        resize_size = minfo.resize_size
-    ds = _splits_dataset(data_dir, split, eval_transform(model, resize_size))  # "train+val" joins splits
+        resize_size, run_crop = minfo.resize_size, minfo.crop_mode
+    crop_mode = crop_mode or run_crop
+    ds = _splits_dataset(data_dir, split, eval_transform(model, resize_size, crop_mode))  # "train+val" too
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
@@ -71,6 +74,7 @@ def build_index_from_run(
         split=split,
         preprocess=model.preprocess.to_dict(),
         resize_size=resize_size,
+        crop_mode=crop_mode,
         class_names=ds.class_names,
         embed_source=source,
         embed_time_s=seconds,

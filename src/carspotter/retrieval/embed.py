@@ -26,12 +26,12 @@ def _forward(model: CarModel, x: torch.Tensor, source: str) -> torch.Tensor:
     return model.embed(x)
 
 
-def eval_transform(model: CarModel, resize_size: int | None = None):
-    """Resize the shorter side to round(img_size / 0.875) (or `resize_size`), centre-crop, normalise."""
+def eval_transform(model: CarModel, resize_size: int | None = None, crop_mode: str = "center"):
+    """Resize the shorter side to round(img_size / 0.875) (or `resize_size`) and centre-crop, or squash the
+    whole photo to img_size² (crop_mode="squash"); normalise with the model's mean/std."""
     p = model.preprocess
-    return build_transform(
-        DataConfig(img_size=p.img_size, resize_size=resize_size), p.mean, p.std, train=False
-    )
+    data = DataConfig(img_size=p.img_size, resize_size=resize_size, crop_mode=crop_mode)
+    return build_transform(data, p.mean, p.std, train=False)
 
 
 @torch.inference_mode()
@@ -87,12 +87,14 @@ def embed_images(
     device: str = "cpu",
     source: str = "auto",
     resize_size: int | None = None,
+    crop_mode: str = "center",
 ) -> np.ndarray:
     """(len(images), D) float32 for in-memory RGB images (serve, search, report).
 
-    Pass the gallery's `resize_size` (index.json) so queries are preprocessed exactly like the gallery.
+    Pass the gallery's `resize_size` and `crop_mode` (index.json) so queries are preprocessed exactly like
+    the gallery.
     """
-    tf = eval_transform(model, resize_size)
+    tf = eval_transform(model, resize_size, crop_mode)
     x = torch.stack([tf(im) for im in images]).to(device)  # (B, 3, S, S)
     model = model.to(device).eval()
     return np.ascontiguousarray(_forward(model, x, source).float().cpu().numpy(), dtype=np.float32)

@@ -147,7 +147,7 @@ def evaluate_knn_run(
     model, info = load_run(run_dir, dev)
     if data_dir is None:
         data_dir = read_run_config(run_dir).data.root
-    tf = eval_transform(model, info.resize_size)
+    tf = eval_transform(model, info.resize_size, info.crop_mode)
     gallery = _splits_dataset(data_dir, gallery_split, tf)
     queries = _splits_dataset(data_dir, split, tf)
     if len(gallery) == 0 or len(queries) == 0:
@@ -217,7 +217,8 @@ def evaluate_knn_index(
     index = GalleryIndex.load(index_dir)
     model = embedder_for_index(index, dev)
     gallery_names = index.info.get("class_names") or []
-    queries = _splits_dataset(data_dir, split, eval_transform(model, index.info.get("resize_size")))
+    tf = eval_transform(model, index.info.get("resize_size"), index.info.get("crop_mode", "center"))
+    queries = _splits_dataset(data_dir, split, tf)
     if len(queries) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     if list(queries.class_names) != list(gallery_names):

@@ -128,7 +128,9 @@ class Predictor:
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
         p = self.info.preprocess
-        data = DataConfig(img_size=int(p["img_size"]), resize_size=self.info.resize_size)
+        data = DataConfig(
+            img_size=int(p["img_size"]), resize_size=self.info.resize_size, crop_mode=self.info.crop_mode
+        )
         self.transform = build_transform(data, p["mean"], p["std"], train=False)
         self.index = None
         self.embed_model: CarModel | None = None
@@ -160,8 +162,15 @@ class Predictor:
         from carspotter.retrieval.embed import embed_images
 
         source = (self.index.info.get("embed_source") if self.index is not None else None) or "auto"
-        resize = self.index.info.get("resize_size") if self.index is not None else None
-        return embed_images(model, images, device=self.device, source=source, resize_size=resize)
+        info = self.index.info if self.index is not None else {}
+        return embed_images(
+            model,
+            images,
+            device=self.device,
+            source=source,
+            resize_size=info.get("resize_size"),
+            crop_mode=info.get("crop_mode", "center"),
+        )
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
