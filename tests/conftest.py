@@ -38,6 +38,25 @@ def make_tiny_prepared(
     return root
 
 
+def make_tiny_run(root: Path, n_classes: int = 4, crop_mode: str = "center") -> Path:
+    """A run directory (model.json + best.safetensors) of an untrained 2-block scratch CNN at 32 px."""
+    from dataclasses import asdict
+
+    from carspotter.config import ModelConfig
+    from carspotter.engine.checkpoint import ModelInfo, save_model_json, save_weights
+    from carspotter.models.factory import create_model
+
+    cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
+    model = create_model(cfg, n_classes, 32)
+    root.mkdir(parents=True)
+    save_weights(model, root / "best.safetensors")
+    names = [f"Class {i}" for i in range(n_classes)]
+    save_model_json(
+        root, ModelInfo(asdict(cfg), n_classes, names, model.preprocess.to_dict(), crop_mode=crop_mode)
+    )
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_prepared(tmp_path_factory.mktemp("tiny") / "prepared")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from carspotter.config import DataConfig, ModelConfig
+from carspotter.config import DataConfig
 from carspotter.data.transforms import build_transform
+from conftest import make_tiny_run
 
 PLAIN = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: outputs stay in [0, 1]
 
@@ -55,20 +55,13 @@ def test_an_unknown_crop_mode_is_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_runs_and_indexes_carry_the_crop_mode_to_queries(tmp_path: Path, tiny_prepared: Path) -> None:
-    from carspotter.engine.checkpoint import ModelInfo, read_model_info, save_model_json, save_weights
-    from carspotter.models.factory import create_model
+    from carspotter.engine.checkpoint import read_model_info
     from carspotter.retrieval.build import build_index_from_run
     from carspotter.retrieval.embed import embed_images
     from carspotter.retrieval.index import GalleryIndex
-    from carspotter.retrieval.query import embedder_for_index
+    from carspotter.retrieval.query import embed_queries, embedder_for_index
 
-    cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
-    model = create_model(cfg, 4, 32)
-    run = tmp_path / "run"
-    run.mkdir()
-    save_weights(model, run / "best.safetensors")
-    names = [f"Class {i}" for i in range(4)]
-    save_model_json(run, ModelInfo(asdict(cfg), 4, names, model.preprocess.to_dict(), crop_mode="squash"))
+    run = make_tiny_run(tmp_path / "run", crop_mode="squash")
     assert read_model_info(run).crop_mode == "squash"
 
     build_index_from_run(run, tiny_prepared, "train", out_dir=tmp_path / "ix", device="cpu")
@@ -79,7 +72,7 @@ def test_runs_and_indexes_carry_the_crop_mode_to_queries(tmp_path: Path, tiny_pr
     photo = Image.open(tiny_prepared / index.meta[k]["path"]).convert("RGB")
     embedder = embedder_for_index(index, "cpu")
     info = index.info
-    same = embed_images(embedder, [photo], resize_size=info["resize_size"], crop_mode=info["crop_mode"])
+    same = embed_queries(index, embedder, [photo])  # what search, serve and the report grid call
     dist, ids = index.search(same, 1)
     assert int(ids[0, 0]) == k and float(dist[0, 0]) < 1e-4  # a gallery photo finds itself, exactly
     other = embed_images(embedder, [photo], resize_size=info["resize_size"], crop_mode="center")

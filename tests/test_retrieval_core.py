@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from carspotter.retrieval.index import GalleryIndex, GalleryIndexError
 from carspotter.retrieval.knn import brute_force_search, faiss_search, knn_classify
 from carspotter.retrieval.metrics import brute_force_retrieval_metrics, retrieval_metrics
 from carspotter.utils import OutputExistsError
+from conftest import make_tiny_run
 
 
 def _clustered(n: int = 150, d: int = 16, c: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -118,22 +118,6 @@ def test_index_refuses_overwrite_and_bad_queries(tmp_path: Path) -> None:
         GalleryIndex.load(tmp_path)
 
 
-def _tiny_run(root: Path, n_classes: int = 4) -> Path:
-    from carspotter.config import ModelConfig
-    from carspotter.engine.checkpoint import ModelInfo, save_model_json, save_weights
-    from carspotter.models.factory import create_model
-
-    cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
-    model = create_model(cfg, n_classes, 32)
-    root.mkdir(parents=True)
-    save_weights(model, root / "best.safetensors")
-    info = ModelInfo(
-        asdict(cfg), n_classes, [f"Class {i}" for i in range(n_classes)], model.preprocess.to_dict()
-    )
-    save_model_json(root, info)
-    return root
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "carspotter", *args], capture_output=True, text=True, timeout=120
@@ -141,7 +125,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_index_search_evaluate(tmp_path: Path, tiny_prepared: Path) -> None:
-    run = _tiny_run(tmp_path / "run")
+    run = make_tiny_run(tmp_path / "run")
     r = _cli("index", str(run), "--data", str(tiny_prepared), "--metric", "cosine", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     ix = run / "index-train"

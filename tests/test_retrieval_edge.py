@@ -11,6 +11,7 @@ from carspotter.retrieval import evaluate_index
 from carspotter.retrieval.index import GalleryIndex
 from carspotter.retrieval.knn import brute_force_search, knn_classify
 from carspotter.retrieval.metrics import brute_force_retrieval_metrics, retrieval_metrics
+from conftest import make_tiny_run
 
 
 def test_recall_and_map_at_r_on_a_hand_worked_line() -> None:
@@ -86,21 +87,10 @@ def test_evaluate_index_on_an_exhaustive_approximate_index_equals_flat(
 
 def test_knn_run_gallery_can_join_train_and_val(tmp_path: Path, tiny_prepared: Path) -> None:
     import json
-    from dataclasses import asdict
 
-    from carspotter.config import ModelConfig
-    from carspotter.engine.checkpoint import ModelInfo, save_model_json, save_weights
-    from carspotter.models.factory import create_model
     from carspotter.retrieval.knn import evaluate_knn_run
 
-    cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
-    model = create_model(cfg, 4, 32)
-    run = tmp_path / "run"
-    run.mkdir()
-    save_weights(model, run / "best.safetensors")
-    save_model_json(
-        run, ModelInfo(asdict(cfg), 4, [f"Class {i}" for i in range(4)], model.preprocess.to_dict())
-    )
+    run = make_tiny_run(tmp_path / "run")
     # tiny_prepared: 4 classes × (4 train, 2 val, 2 test)
     one = evaluate_knn_run(run, tiny_prepared, 1, "cosine", gallery_split="train")
     both = evaluate_knn_run(run, tiny_prepared, 1, "cosine", gallery_split="train+val")

@@ -92,21 +92,13 @@ def search(
     from rich.table import Table
 
     from carspotter.data.images import open_rgb
-    from carspotter.retrieval.embed import embed_images
     from carspotter.retrieval.index import GalleryIndex
-    from carspotter.retrieval.query import embedder_for_index
+    from carspotter.retrieval.query import embed_queries, embedder_for_index
 
     idx = GalleryIndex.load(index_dir)
     model = embedder_for_index(idx, device)
     photos = [open_rgb(p) for p in images]
-    q = embed_images(
-        model,
-        photos,
-        device=device,
-        source=idx.info.get("embed_source", "auto"),
-        resize_size=idx.info.get("resize_size"),
-        crop_mode=idx.info.get("crop_mode", "center"),
-    )
+    q = embed_queries(idx, model, photos, device)  # (Q, D)
     dists, ids = idx.search(q, k)
     root = Path(idx.info.get("data_root", "."))
     for path, drow, irow in zip(images, dists, ids, strict=True):

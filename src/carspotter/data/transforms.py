@@ -39,10 +39,14 @@ def resize_size_for(data: DataConfig) -> int:
 CROP_MODES = ("center", "squash")
 
 
-def _resize(data: DataConfig, side: int) -> T.Resize:
-    """center: shorter side → `side` (aspect kept); squash: the whole photo → side × side."""
+def check_crop_mode(data: DataConfig) -> None:
     if data.crop_mode not in CROP_MODES:
         raise ValueError(f"data.crop_mode must be one of {CROP_MODES}, got {data.crop_mode!r}")
+
+
+def _resize(data: DataConfig, side: int) -> T.Resize:
+    """center: shorter side → `side` (aspect kept); squash: the whole photo → side × side."""
+    check_crop_mode(data)
     return T.Resize((side, side) if data.crop_mode == "squash" else side, antialias=True)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from carspotter.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
+from carspotter.config import DataConfig, ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from carspotter.models.factory import CarModel, Preprocess, create_model
 from carspotter.utils import atomic_path, atomic_write_json
 
@@ -54,6 +54,14 @@ class ModelInfo:
             "crop_mode": self.crop_mode,
             "source": self.source,
         }
+
+    def eval_transform(self) -> Any:
+        """PIL photo → the tensor this model is evaluated on (its size, mean/std, resize_size, crop_mode)."""
+        from carspotter.data.transforms import build_transform
+
+        p = self.preprocess
+        data = DataConfig(img_size=int(p["img_size"]), resize_size=self.resize_size, crop_mode=self.crop_mode)
+        return build_transform(data, p["mean"], p["std"], train=False)
 
 
 def model_info(model: CarModel, cfg: ExperimentConfig, class_names: list[str]) -> ModelInfo:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
-from carspotter.config import DataConfig
 from carspotter.engine.checkpoint import RunError, load_run, read_run_config
 from carspotter.models.fuse import CPU_CHUNK, forward_chunked
 from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -63,15 +62,6 @@ def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def eval_transform(
-    img_size: int, resize_size: int | None, mean: Any, std: Any, crop_mode: str = "center"
-) -> Any:
-    from carspotter.data.transforms import build_transform
-
-    data = DataConfig(img_size=img_size, resize_size=resize_size, crop_mode=crop_mode)
-    return build_transform(data, mean, std, train=False)
-
-
 def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
     k = min(5, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
@@ -108,8 +98,7 @@ def evaluate_run(
     dev = torch.device(resolve_device(device))
     model, info = load_run(run_dir, str(dev))
     data_dir = Path(data_dir or cfg.data.root)
-    p = info.preprocess
-    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"], info.crop_mode)
+    tf = info.eval_transform()
     ds = PreparedDataset(data_dir, split, transform=tf, crop_bbox=cfg.data.crop_bbox)
     if ds.class_names != info.class_names:
         raise RunError(
@@ -172,8 +161,7 @@ def predict_images(
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    p = info.preprocess
-    tf = eval_transform(int(p["img_size"]), info.resize_size, p["mean"], p["std"], info.crop_mode)
+    tf = info.eval_transform()
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     with torch.inference_mode():
         probs = model(x).float().softmax(dim=1).cpu()  # (N, C)

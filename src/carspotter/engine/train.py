@@ -321,10 +321,9 @@ def fit(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train per `cfg` on a prepared dataset; write the run directory; return a summary of the run."""
-    from carspotter.data.transforms import CROP_MODES
+    from carspotter.data.transforms import check_crop_mode
 
-    if cfg.data.crop_mode not in CROP_MODES:  # before the run directory exists
-        raise ValueError(f"data.crop_mode must be one of {CROP_MODES}, got {cfg.data.crop_mode!r}")
+    check_crop_mode(cfg.data)  # before the run directory exists
     dist, device = init_distributed(cfg.train.device)
     try:
         return _fit(cfg, Path(data_dir), Path(out_dir), dist, device, resume, overwrite, progress)

@@ -61,20 +61,12 @@ def _query_records(data_root: Path, gallery_splits: set[str]) -> list[dict[str, 
 def _search_with_model(index: Any, queries: list[dict[str, Any]], k: int) -> Any:
     """Embed held-out photos with the network that made the index, then search it."""
     from carspotter.data.images import open_rgb
-    from carspotter.retrieval.embed import embed_images
-    from carspotter.retrieval.query import embedder_for_index
+    from carspotter.retrieval.query import embed_queries, embedder_for_index
 
     model = embedder_for_index(index, "cpu")
     root = Path(index.info["data_root"])
     images = [open_rgb(root / q["path"]) for q in queries]
-    emb = embed_images(
-        model,
-        images,
-        device="cpu",
-        source=index.info.get("embed_source", "auto"),
-        resize_size=index.info.get("resize_size"),
-        crop_mode=index.info.get("crop_mode", "center"),
-    )  # (Q, D)
+    emb = embed_queries(index, model, images)  # (Q, D)
     return index.search(emb, k)
 
 

@@ -207,9 +207,9 @@ def evaluate_knn_index(
     This is how frozen features of a bare backbone get a kNN score without a training run.
     Writes INDEX_DIR/metrics_knn{k}_{split}.json.
     """
-    from carspotter.retrieval.embed import embed_dataset, eval_transform
+    from carspotter.retrieval.embed import embed_dataset
     from carspotter.retrieval.index import GalleryIndex
-    from carspotter.retrieval.query import embedder_for_index
+    from carspotter.retrieval.query import embedder_for_index, query_transform
     from carspotter.utils import atomic_write_json, resolve_device
 
     index_dir = Path(index_dir)
@@ -217,8 +217,7 @@ def evaluate_knn_index(
     index = GalleryIndex.load(index_dir)
     model = embedder_for_index(index, dev)
     gallery_names = index.info.get("class_names") or []
-    tf = eval_transform(model, index.info.get("resize_size"), index.info.get("crop_mode", "center"))
-    queries = _splits_dataset(data_dir, split, tf)
+    queries = _splits_dataset(data_dir, split, query_transform(index, model))
     if len(queries) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     if list(queries.class_names) != list(gallery_names):

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.config import DataConfig
-from carspotter.data.transforms import build_transform
 from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.models.factory import CarModel
 
@@ -127,11 +125,7 @@ class Predictor:
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
-        p = self.info.preprocess
-        data = DataConfig(
-            img_size=int(p["img_size"]), resize_size=self.info.resize_size, crop_mode=self.info.crop_mode
-        )
-        self.transform = build_transform(data, p["mean"], p["std"], train=False)
+        self.transform = self.info.eval_transform()
         self.index = None
         self.embed_model: CarModel | None = None
         if index_dir is not None:
@@ -159,18 +153,10 @@ class Predictor:
         return model
 
     def _embed(self, model: CarModel, images: list[Image.Image]) -> np.ndarray:
-        from carspotter.retrieval.embed import embed_images
+        from carspotter.retrieval.query import embed_queries
 
-        source = (self.index.info.get("embed_source") if self.index is not None else None) or "auto"
-        info = self.index.info if self.index is not None else {}
-        return embed_images(
-            model,
-            images,
-            device=self.device,
-            source=source,
-            resize_size=info.get("resize_size"),
-            crop_mode=info.get("crop_mode", "center"),
-        )
+        assert self.index is not None
+        return embed_queries(self.index, model, images, self.device)
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
