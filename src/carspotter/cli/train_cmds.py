@@ -178,6 +178,13 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     k: int = typer.Option(5, "--k", help="How many classes to show per image."),
     device: str = typer.Option("cpu", "--device"),
+    explain: Path | None = typer.Option(
+        None,
+        "--explain",
+        help="Also write heat-map, evidence panel and explain.json per photo into this folder.",
+    ),
+    index: Path | None = typer.Option(None, "--index", help="Gallery index for --explain evidence photos."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier --explain folder."),
 ) -> None:
     """Print the top-k classes with probabilities for each image."""
     from carspotter.engine.evaluate import predict_images
@@ -186,6 +193,11 @@ def predict(
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
         typer.echo(res["path"])
         _table("", rows, ("#", "class", "probability"))
+    if explain is not None:
+        from carspotter.cli.explain_cmds import load_explainer, write_batch
+
+        px = load_explainer(run_dir, index, "gradcam", device)
+        typer.echo(f"explanations → {write_batch(px, images, explain, 3, overwrite, typer.echo)}")
 
 
 def presets() -> None:

@@ -1,0 +1,213 @@
+"""One photo in, "why this answer" out: prediction, heat-map over the photo, evidence photos, a panel.
+
+`PhotoExplainer` is what the CLI (`explain`, `predict --explain`), the report and the service share. It
+explains on its own BatchNorm-folded copy of the run's network (explain.cam.Explainer) and, when the gallery
+index was built from the same run, embeds the query with that copy too: one forward pass gives the logits
+and the heat-map, a second the query vector, and the caller's model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from carspotter.explain.cam import Explainer, ExplainError, cam_to_photo, overlay
+from carspotter.explain.evidence import check_same_classes, evidence
+
+TILE = 160  # panel tile height in pixels
+
+
+@dataclass
+class PhotoExplanation:
+    """Everything about one explained photo; `to_json()` is what explain.json holds."""
+
+    top: list[dict[str, Any]]  # [{"class_id", "class_name", "probability"}], best first
+    explained_class: int
+    layer: str
+    method: str
+    heat: np.ndarray  # (S, S) over the network's input square, in [0, 1]
+    heat_photo: np.ndarray  # (h, w) over the photo, 0 outside the region the network saw
+    overlay: Image.Image
+    evidence: list[dict[str, Any]] | None = None  # explain.evidence.evidence(), None without an index
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        top1 = self.top[0]
+        return {
+            "prediction": top1,
+            "runner_up": self.top[1] if len(self.top) > 1 else None,
+            "top": self.top,
+            "explained_class": self.explained_class,
+            "method": self.method,
+            "target_layer": self.layer,
+            "evidence": self.evidence,
+            **self.extra,
+        }
+
+
+class PhotoExplainer:
+    """The run's classifier + heat-maps + (optionally) its gallery index for evidence photos."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: Any,  # engine.checkpoint.ModelInfo
+        index: Any = None,  # retrieval.index.GalleryIndex
+        run_dir: str | Path | None = None,
+        method: str = "gradcam",
+        device: str = "cpu",
+    ) -> None:
+        if info.num_classes <= 0:
+            raise ExplainError("a metric-learning run has no classifier to explain; use `carspotter search`")
+        self.info = info
+        self.class_names = list(info.class_names)
+        self.device = device
+        self.transform = info.eval_transform()
+        self.explainer = Explainer(model, method, img_size=int(info.preprocess["img_size"]))
+        self.index = index
+        self.embed_model: torch.nn.Module | None = None
+        if index is not None:
+            check_same_classes(index, self.class_names)
+            src = index.info.get("run_dir")
+            same = bool(src and run_dir) and Path(src).resolve() == Path(run_dir).resolve()  # type: ignore[arg-type]
+            if same:
+                self.embed_model = self.explainer.model  # used under the explainer's lock only
+            else:
+                from carspotter.retrieval.query import embedder_for_index
+
+                self.embed_model = copy.deepcopy(embedder_for_index(index, device)).eval()
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        index_dir: str | Path | None = None,
+        method: str = "gradcam",
+        device: str = "cpu",
+    ) -> PhotoExplainer:
+        from carspotter.engine.checkpoint import load_run
+
+        model, info = load_run(run_dir, device)
+        index = None
+        if index_dir is not None:
+            from carspotter.retrieval.index import GalleryIndex
+
+            index = GalleryIndex.load(index_dir)
+        return cls(model, info, index, run_dir=run_dir, method=method, device=device)
+
+    @property
+    def layer(self) -> str:
+        return self.explainer.layer
+
+    def explain(
+        self, photos: list[Image.Image], k: int = 3, class_idx: list[int] | None = None, top: int = 5
+    ) -> list[PhotoExplanation]:
+        """Explain each photo's top-1 class (or `class_idx`); `k` evidence photos of it, 1 of the runner-up."""
+        if not photos:
+            return []
+        x = torch.stack([self.transform(p) for p in photos]).to(self.device)  # (B, 3, S, S)
+        with self.explainer.lock:
+            heat, logits = self._explain(x, class_idx)
+            queries = None
+            if self.index is not None and self.embed_model is not None:
+                from carspotter.retrieval.query import embed_queries
+
+                queries = embed_queries(self.index, self.embed_model, photos, self.device)  # (B, D)
+        probs = logits.float().softmax(dim=1).cpu()
+        tp, ti = probs.topk(min(top, probs.shape[1]), dim=1)
+        out = []
+        for b, photo in enumerate(photos):
+            ranked = [
+                {"class_id": int(c), "class_name": self.class_names[int(c)], "probability": float(p)}
+                for p, c in zip(tp[b].tolist(), ti[b].tolist(), strict=True)
+            ]
+            cls = int(class_idx[b]) if class_idx is not None else ranked[0]["class_id"]
+            hp = cam_to_photo(heat[b], photo.size, self.info.resize_size, self.info.crop_mode)
+            ev = None
+            if queries is not None:
+                runner = ranked[1]["class_id"] if len(ranked) > 1 else None
+                ev = evidence(self.index, queries[b], ranked[0]["class_id"], runner, k)
+                for group in ev:
+                    group["class_name"] = self.class_names[group["class_id"]]
+            out.append(
+                PhotoExplanation(
+                    ranked, cls, self.layer, self.explainer.method, heat[b], hp, overlay(photo, hp), ev
+                )
+            )
+        return out
+
+    def _explain(self, x: torch.Tensor, class_idx: list[int] | None) -> tuple[np.ndarray, torch.Tensor]:
+        from carspotter.explain.cam import explain_batch
+
+        ex = self.explainer
+        return explain_batch(ex.model, x, class_idx, ex.method, ex.layer)  # the lock is held by the caller
+
+    def gallery_photo(self, item_id: int) -> Image.Image | None:
+        """A gallery photo by index id (None when the index records no data_root or the file is gone)."""
+        from carspotter.data.images import ImageError, open_rgb
+
+        if self.index is None or not self.index.info.get("data_root"):
+            return None
+        path = Path(self.index.info["data_root"]) / str(self.index.meta[item_id]["path"])
+        try:
+            return open_rgb(path)
+        except (ImageError, OSError):
+            return None
+
+
+# ---- pictures ----------------------------------------------------------------------------------------------
+def _tile(img: Image.Image | None, caption: list[str], colour: tuple[int, int, int]) -> Image.Image:
+    """A photo scaled to TILE px high with a coloured frame and a caption underneath."""
+    if img is None:
+        img = Image.new("RGB", (TILE, TILE), (235, 236, 240))
+    w = max(1, round(img.width * TILE / max(1, img.height)))
+    body = img.convert("RGB").resize((w, TILE), Image.Resampling.BILINEAR)
+    tw = max(w, 150) + 6
+    out = Image.new("RGB", (tw, TILE + 6 + 14 * len(caption) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    d.rectangle((0, 0, w + 5, TILE + 5), fill=colour)
+    out.paste(body, (3, 3))
+    for i, line in enumerate(caption):
+        d.text((3, TILE + 8 + 14 * i), line[:40], fill=(20, 20, 30))
+    return out
+
+
+def panel(expl: PhotoExplanation, photo: Image.Image, gallery: Any) -> Image.Image:
+    """Photo with its heat-map | nearest photo(s) of the predicted class | nearest of the runner-up.
+
+    `gallery(id) -> PIL image or None` loads evidence photos (PhotoExplainer.gallery_photo).
+    """
+    top1 = expl.top[0]
+    tiles = [
+        _tile(photo, ["your photo"], (120, 120, 120)),
+        _tile(expl.overlay, [f"heat-map ({expl.method})", f"{top1['class_name']}", f"p = {top1['probability']:.2f}"],
+              (47, 111, 222)),
+    ]  # fmt: skip
+    for group in expl.evidence or []:
+        colour = (18, 128, 92) if group["role"] == "top1" else (180, 35, 24)
+        label = "predicted" if group["role"] == "top1" else "runner-up"
+        for hit in group["hits"][: 2 if group["role"] == "top1" else 1]:
+            tiles.append(
+                _tile(
+                    gallery(hit["id"]),
+                    [f"{label}: {hit['class_name']}", f"distance {hit['distance']:.3f}"],
+                    colour,
+                )
+            )
+        if not group["hits"]:
+            tiles.append(_tile(None, [f"{label}: {group['class_name']}", "no gallery photo"], colour))
+    if expl.evidence is None:
+        tiles.append(_tile(None, ["no gallery index:", "no evidence photos"], (200, 200, 200)))
+    width = sum(t.width for t in tiles) + 8 * (len(tiles) - 1)
+    out = Image.new("RGB", (width, max(t.height for t in tiles)), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + 8
+    return out
