@@ -263,7 +263,7 @@ def _bad_cases(serve_data: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("endpoint", ["/api/classify", "/api/search"])
+@pytest.mark.parametrize("endpoint", ["/api/classify", "/api/search", "/api/explain"])
 def test_bad_input_is_a_clear_4xx(client: httpx.Client, serve_data: dict[str, Path], endpoint: str) -> None:
     expected = {
         "empty body": (400, 422), "no body at all": (400,), "empty file": (400,), "wrong field name": (400,),

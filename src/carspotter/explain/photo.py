@@ -106,9 +106,18 @@ class PhotoExplainer:
         return self.explainer.layer
 
     def explain(
-        self, photos: list[Image.Image], k: int = 3, class_idx: list[int] | None = None, top: int = 5
+        self,
+        photos: list[Image.Image],
+        k: int = 3,
+        class_idx: list[int] | None = None,
+        top: int = 5,
+        display_max: int | None = 1024,
     ) -> list[PhotoExplanation]:
-        """Explain each photo's top-1 class (or `class_idx`); `k` evidence photos of it, 1 of the runner-up."""
+        """Explain each photo's top-1 class (or `class_idx`); `k` evidence photos of it, 1 of the runner-up.
+
+        The network sees each photo exactly as `classify` does; the overlay is drawn on a copy no longer
+        than `display_max` pixels (None: full size), so a 40-megapixel upload does not cost a 40 MP overlay.
+        """
         if not photos:
             return []
         x = torch.stack([self.transform(p) for p in photos]).to(self.device)  # (B, 3, S, S)
@@ -128,7 +137,11 @@ class PhotoExplainer:
                 for p, c in zip(tp[b].tolist(), ti[b].tolist(), strict=True)
             ]
             cls = int(class_idx[b]) if class_idx is not None else ranked[0]["class_id"]
-            hp = cam_to_photo(heat[b], photo.size, self.info.resize_size, self.info.crop_mode)
+            shown = photo
+            if display_max and max(photo.size) > display_max:
+                shown = photo.copy()
+                shown.thumbnail((display_max, display_max), Image.Resampling.BILINEAR)
+            hp = cam_to_photo(heat[b], shown.size, self.info.resize_size, self.info.crop_mode)
             ev = None
             if queries is not None:
                 runner = ranked[1]["class_id"] if len(ranked) > 1 else None

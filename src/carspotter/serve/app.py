@@ -122,6 +122,7 @@ def health(request: Request) -> dict[str, Any]:
         "index": index,
         "max_upload_mb": svc.limits.max_mb,
         "max_batch": p.batcher.max_batch,
+        "explain": True,
         "batches_run": p.batcher.batches,
         "images_inferred": p.batcher.jobs,
         "uptime_s": round(time.time() - svc.started, 1),
@@ -166,6 +167,23 @@ async def search(request: Request, file: Upload, k: KQuery = None, k_form: KForm
         "metric": p.index.info.get("metric"),
         "time_ms": round(1000 * (time.perf_counter() - t0), 2),
     }
+
+
+@router.post("/api/explain", summary="Why the top class: heat-map overlay and evidence photos per class")
+async def explain(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
+    """The photo with its Grad-CAM heat-map (PNG data URL), the target layer, and the k nearest gallery photos
+    of the predicted class plus the nearest of the runner-up (with an index). Runs on its own worker, so a
+    slow explanation never holds up /api/classify."""
+    p = _service(request).predictor
+    k = min(k or k_form or 3, 20)
+    image = await _read_image(request, file)
+    t0 = time.perf_counter()
+    try:
+        fut = p.explainer.submit(image, k)
+    except Busy as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+    result = await asyncio.wrap_future(fut)
+    return {**result, "k": k, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
 
 @router.get(
