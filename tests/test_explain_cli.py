@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -48,6 +49,19 @@ def test_evidence_is_the_nearest_of_each_class(run_and_index: dict[str, Path]) -
         assert all(h["class_id"] == c for h in group["hits"])
     # a class with fewer gallery photos than asked gives what there is (4 train photos per class here)
     assert len(evidence(index, q, top1=0, runner_up=None, k=10)[0]["hits"]) == 4
+
+
+def test_shared_pass_query_equals_the_gallery_path(run_and_index: dict[str, Path]) -> None:
+    """The query vector taken from the Grad-CAM pass is the one retrieval.query would compute."""
+    from carspotter.explain.photo import PhotoExplainer
+
+    px = PhotoExplainer.from_run(run_and_index["run"], run_and_index["index"])
+    assert px._shares_pass()
+    photos = [open_rgb(run_and_index["data"] / "images" / n) for n in ("c0_006.jpg", "c2_007.jpg")]
+    x = torch.stack([px.transform(p) for p in photos])
+    _, _, feats = px._explain(x, None)
+    want = embed_queries(px.index, embedder_for_index(px.index), photos)
+    np.testing.assert_allclose(px._queries(photos, feats), want, rtol=1e-4, atol=1e-4)
 
 
 def test_cli_explain_writes_overlay_panel_json(run_and_index: dict[str, Path], tmp_path: Path) -> None:

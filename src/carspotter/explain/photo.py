@@ -122,12 +122,10 @@ class PhotoExplainer:
             return []
         x = torch.stack([self.transform(p) for p in photos]).to(self.device)  # (B, 3, S, S)
         with self.explainer.lock:
-            heat, logits = self._explain(x, class_idx)
+            heat, logits, feats = self._explain(x, class_idx)
             queries = None
             if self.index is not None and self.embed_model is not None:
-                from carspotter.retrieval.query import embed_queries
-
-                queries = embed_queries(self.index, self.embed_model, photos, self.device)  # (B, D)
+                queries = self._queries(photos, feats)  # (B, D)
         probs = logits.float().softmax(dim=1).cpu()
         tp, ti = probs.topk(min(top, probs.shape[1]), dim=1)
         out = []
@@ -155,11 +153,46 @@ class PhotoExplainer:
             )
         return out
 
-    def _explain(self, x: torch.Tensor, class_idx: list[int] | None) -> tuple[np.ndarray, torch.Tensor]:
+    def _shares_pass(self) -> bool:
+        """The index embeds with this very network and preprocessing: its query vector is the pooled
+        feature (or embedding) of the Grad-CAM forward pass, so no second forward is needed."""
+        info = self.index.info if self.index is not None else {}
+        return (
+            self.embed_model is self.explainer.model
+            and info.get("resize_size") == self.info.resize_size
+            and info.get("crop_mode", "center") == self.info.crop_mode
+        )
+
+    def _explain(
+        self, x: torch.Tensor, class_idx: list[int] | None
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+        """Heat-maps, logits and (when the index can use them) the pooled backbone features of that pass."""
         from carspotter.explain.cam import explain_batch
 
-        ex = self.explainer
-        return explain_batch(ex.model, x, class_idx, ex.method, ex.layer)  # the lock is held by the caller
+        ex = self.explainer  # the lock is held by the caller
+        grabbed: list[torch.Tensor] = []
+        hook = None
+        if self._shares_pass():
+            hook = ex.model.backbone.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach()))
+        try:
+            heat, logits = explain_batch(ex.model, x, class_idx, ex.method, ex.layer)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return heat, logits, (grabbed[0] if grabbed else None)
+
+    def _queries(self, photos: list[Image.Image], feats: torch.Tensor | None) -> np.ndarray:
+        from carspotter.retrieval.query import embed_queries
+
+        assert self.index is not None and self.embed_model is not None
+        if feats is None:
+            return embed_queries(self.index, self.embed_model, photos, self.device)
+        model = self.explainer.model
+        source = self.index.info.get("embed_source") or "auto"
+        with torch.no_grad():
+            use_features = source == "features" or (source == "auto" and model.embedding is None)
+            q = feats if use_features else model.embedding(feats)
+        return np.ascontiguousarray(q.float().cpu().numpy(), dtype=np.float32)
 
     def gallery_photo(self, item_id: int) -> Image.Image | None:
         """A gallery photo by index id (None when the index records no data_root or the file is gone)."""

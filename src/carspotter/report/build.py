@@ -94,6 +94,24 @@ def _confusion_section(runs: list[RunRecord], top_n: int) -> Section:
     return sec
 
 
+def _why_section(runs: list[RunRecord]) -> Section:
+    """Heat-maps of correct and wrong test predictions + confused pairs (report.why); never sinks the report."""
+    from carspotter.report.why import why_section
+
+    best = best_classification_run(runs)
+    if best is None:
+        return Section(
+            "Why: what the network looks at", [Para("— no classification run with predictions.", "note")]
+        )
+    try:
+        return why_section(best, _slug(best.name))
+    except Exception as e:
+        log.warning("why section for %s failed: %s", best.name, e)
+        return Section(
+            "Why: what the network looks at", [Para(f"— unavailable ({type(e).__name__}: {e})", "note")]
+        )
+
+
 def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
     from carspotter.report.grid import retrieval_examples
 
@@ -156,6 +174,7 @@ def build_sections(
         hp,
         _curves_section(runs),
         _confusion_section(runs, top_n),
+        _why_section(runs),
         _grid_section([i.path for i in indexes], grid_queries, grid_k),
     ]
 
