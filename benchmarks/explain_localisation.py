@@ -37,20 +37,25 @@ from carspotter.explain.cam import box_area_share, cam_to_photo, explain_batch, 
 from carspotter.models.factory import create_model
 
 
-def measure(model: torch.nn.Module, info, data: Path, method: str) -> dict[str, float]:
+def measure(model: torch.nn.Module, info, data: Path, method: str, layer: str | None) -> dict[str, float]:
     recs = split_records(read_manifest(data), "test")
     tf = info.eval_transform()
     inside, share, correct = [], [], []
     for i in range(0, len(recs), 32):
         batch = recs[i : i + 32]
         photos = [open_rgb(data / r.path) for r in batch]
-        heat, logits = explain_batch(model, torch.stack([tf(p) for p in photos]), method=method)
+        heat, logits = explain_batch(model, torch.stack([tf(p) for p in photos]), method=method, layer=layer)
         for r, p, h, pred in zip(batch, photos, heat, logits.argmax(1).tolist(), strict=True):
             hp = cam_to_photo(h, p.size, info.resize_size, info.crop_mode)
+            correct.append(pred == r.label)
+            if hp.sum() <= 0:  # an empty map (no positive evidence at this layer) says nothing about where
+                continue
             inside.append(mass_inside(hp, r.bbox))
             share.append(box_area_share(hp.shape, r.bbox))
-            correct.append(pred == r.label)
-    return {"inside": float(np.mean(inside)), "area": float(np.mean(share)), "acc": float(np.mean(correct))}
+    n = len(correct)
+    return {"inside": float(np.mean(inside)) if inside else float("nan"),
+            "area": float(np.mean(share)) if share else float("nan"),
+            "empty": 1 - len(inside) / n, "acc": float(np.mean(correct))}  # fmt: skip
 
 
 def main() -> None:
@@ -63,6 +68,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layer", help="target layer (default: explain.cam.target_layer's pick)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(machine_line())
@@ -107,10 +113,10 @@ def main() -> None:
             untrained = create_model(rand.model, info.num_classes, a.size).eval()  # random weights throughout
             for method in ("gradcam", "gradcam++"):
                 for name, m in ((f"trained, {method}", model), (f"untrained (control), {method}", untrained)):
-                    r = measure(m, info, data, method)
+                    r = measure(m, info, data, method, a.layer)
                     rows.setdefault(name, []).append(r)
                     print(f"seed {seed} {name:32s} inside {r['inside']:.3f}  box area {r['area']:.3f}  "
-                          f"acc {r['acc']:.3f}", flush=True)  # fmt: skip
+                          f"empty maps {r['empty']:.3f}  acc {r['acc']:.3f}", flush=True)  # fmt: skip
 
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
@@ -118,12 +124,15 @@ def main() -> None:
     print(
         f"\n{len(a.seeds)} seeds, {a.classes} classes × {a.per_class} photos at {a.size} px, {a.epochs} epochs"
     )
-    print("| model, method | heat-map mass inside the box | box share of the image | ratio | test accuracy |")
-    print("|---|---|---|---|---|")
+    print(f"target layer: {a.layer or 'default'}; means over the photos whose heat-map is not empty")
+    print(
+        "| model, method | heat-map mass inside the box | box share of the image | ratio | empty maps | test accuracy |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, rs in rows.items():
         ratio = [r["inside"] / r["area"] for r in rs]
         print(f"| {name} | {ms([r['inside'] for r in rs])} | {ms([r['area'] for r in rs])} | {ms(ratio)} | "
-              f"{ms([r['acc'] for r in rs])} |")  # fmt: skip
+              f"{ms([r['empty'] for r in rs])} | {ms([r['acc'] for r in rs])} |")  # fmt: skip
 
 
 if __name__ == "__main__":

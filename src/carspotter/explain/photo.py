@@ -46,6 +46,7 @@ class PhotoExplanation:
             "explained_class": self.explained_class,
             "method": self.method,
             "target_layer": self.layer,
+            "heat_empty": bool(self.heat.max() <= 0),  # no positive evidence for the class at this layer
             "evidence": self.evidence,
             **self.extra,
         }

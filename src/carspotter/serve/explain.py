@@ -81,6 +81,7 @@ class ExplainService:
                     "runner_up": doc["runner_up"],
                     "method": doc["method"],
                     "target_layer": doc["target_layer"],
+                    "heat_empty": doc["heat_empty"],
                     "overlay": data_url(e.overlay),
                     "overlay_size": list(e.overlay.size),
                     "evidence": groups if doc["evidence"] is not None else None,
