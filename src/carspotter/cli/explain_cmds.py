@@ -95,6 +95,8 @@ def explain(
     doc = write_explanation(px, photo, out, k, overwrite)
     typer.echo(f"{photo}: {_summary_line(doc)}")
     typer.echo(f"target layer {doc['target_layer']} ({method}) → {out}/overlay.png, panel.png, {MARKER}")
+    if doc["heat_empty"]:
+        typer.echo(f"the heat-map is empty: {method} found no positive evidence for this class at that layer")
     if doc["evidence"] is None:
         typer.echo("no gallery index: no evidence photos (pass --index INDEX_DIR)")
 
