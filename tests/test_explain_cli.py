@@ -79,7 +79,7 @@ def test_cli_explain_writes_overlay_panel_json(run_and_index: dict[str, Path], t
     r = CliRunner().invoke(build_app(), args)
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "explain.json").read_text())
-    assert doc["target_layer"] == "backbone.blocks.1" and doc["method"] == "gradcam"
+    assert doc["target_layer"] == "backbone.blocks.1" and doc["method"] == "gradcam++"
     assert doc["prediction"]["class_id"] == doc["top"][0]["class_id"] == doc["explained_class"]
     top1, runner = doc["evidence"]
     assert (

@@ -315,7 +315,7 @@ def test_report_from_a_real_run_and_index(tiny_prepared: Path, tmp_path: Path, o
     tables = _tables(html)
     assert "<td>index/</td>" in tables["Metric learning / retrieval quality"]
     assert "tiny-cnn" in tables["From scratch"] and "Confusion matrix" in html
-    assert "Grad-CAM heat-maps (target layer backbone.blocks.1)" in html  # the "why" section
+    assert "gradcam++ heat-maps (target layer backbone.blocks.1)" in html  # the "why" section
     assert (tmp_path / "report" / "why_tiny-cnn.png").is_file()
     # Without the run on disk, the grid falls back to gallery photos as queries (no crash, no model).
     import shutil

@@ -34,7 +34,7 @@ def test_explain_returns_overlay_and_grouped_evidence(app_and_url, serve_data: d
         assert ex["prediction"]["class_id"] == cls[0]["class_id"]  # the same answer as classify
         assert abs(ex["prediction"]["probability"] - cls[0]["probability"]) < 1e-3
         assert ex["runner_up"]["class_id"] == cls[1]["class_id"]
-        assert ex["target_layer"] == "backbone.blocks.1" and ex["method"] == "gradcam" and ex["k"] == 2
+        assert ex["target_layer"] == "backbone.blocks.1" and ex["method"] == "gradcam++" and ex["k"] == 2
         head, b64 = ex["overlay"].split(",", 1)
         assert head == "data:image/png;base64"
         img = Image.open(io.BytesIO(base64.b64decode(b64)))

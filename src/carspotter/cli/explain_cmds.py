@@ -83,7 +83,7 @@ def explain(
         None, "--index", help="Gallery index for evidence photos (default: RUN/index-train if it exists)."
     ),
     k: int = typer.Option(3, "--k", min=1, max=20, help="Evidence photos of the predicted class."),
-    method: str = typer.Option("gradcam", "--method", help="gradcam | gradcam++"),
+    method: str = typer.Option("gradcam++", "--method", help="gradcam++ (default) | gradcam"),
     device: str = typer.Option("cpu", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier explanation in --out."),
 ) -> None:

@@ -195,8 +195,9 @@ def predict(
         _table("", rows, ("#", "class", "probability"))
     if explain is not None:
         from carspotter.cli.explain_cmds import load_explainer, write_batch
+        from carspotter.explain.cam import DEFAULT_METHOD
 
-        px = load_explainer(run_dir, index, "gradcam", device)
+        px = load_explainer(run_dir, index, DEFAULT_METHOD, device)
         typer.echo(f"explanations → {write_batch(px, images, explain, 3, overwrite, typer.echo)}")
 
 

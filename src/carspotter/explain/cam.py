@@ -29,6 +29,11 @@ import torch
 from torch import nn
 
 METHODS = ("gradcam", "gradcam++")
+# What the CLI, the report and the service use. Grad-CAM++ weighs only the positive gradients, so it still
+# shows where the class evidence lies when the class score is negative at every position; Grad-CAM then
+# returns an empty map. On 20 real cars-small test photos of a frozen-Lite0 run Grad-CAM gave 11 empty maps,
+# Grad-CAM++ none, all on the car (BENCHMARKS.md, benchmarks/explain_real.py).
+DEFAULT_METHOD = "gradcam++"
 
 
 class ExplainError(ValueError):
@@ -153,7 +158,7 @@ class Explainer:
     so another thread may keep using it; one explanation at a time (the lock)."""
 
     def __init__(
-        self, model: nn.Module, method: str = "gradcam", fold: bool = True, img_size: int = 0
+        self, model: nn.Module, method: str = DEFAULT_METHOD, fold: bool = True, img_size: int = 0
     ) -> None:
         _cam_class(method)
         self.method = method

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from carspotter.explain.cam import Explainer, ExplainError, cam_to_photo, overlay
+from carspotter.explain.cam import DEFAULT_METHOD, Explainer, ExplainError, cam_to_photo, overlay
 from carspotter.explain.evidence import check_same_classes, evidence
 
 TILE = 160  # panel tile height in pixels
@@ -61,7 +61,7 @@ class PhotoExplainer:
         info: Any,  # engine.checkpoint.ModelInfo
         index: Any = None,  # retrieval.index.GalleryIndex
         run_dir: str | Path | None = None,
-        method: str = "gradcam",
+        method: str = DEFAULT_METHOD,
         device: str = "cpu",
     ) -> None:
         if info.num_classes <= 0:
@@ -89,7 +89,7 @@ class PhotoExplainer:
         cls,
         run_dir: str | Path,
         index_dir: str | Path | None = None,
-        method: str = "gradcam",
+        method: str = DEFAULT_METHOD,
         device: str = "cpu",
     ) -> PhotoExplainer:
         from carspotter.engine.checkpoint import load_run

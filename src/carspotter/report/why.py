@@ -83,7 +83,7 @@ def why_section(
     if grid:
         sec.blocks.append(
             Para(
-                f"{run.name}: Grad-CAM heat-maps (target layer {ex.layer}) for {n_correct} correct and "
+                f"{run.name}: {ex.method} heat-maps (target layer {ex.layer}) for {n_correct} correct and "
                 f"{n_wrong} wrong test predictions, chosen with seed {seed}. For a wrong prediction the last "
                 "column shows where the evidence for the true class lies."
             )
