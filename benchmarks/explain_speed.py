@@ -61,8 +61,8 @@ def bench(arch: str, size: int, photo: Image.Image, reps: int, index_size: int) 
     info = _info(model)
     tf = info.eval_transform()
     index = _index(model, index_size) if index_size else None
-    px = PhotoExplainer(model, info, index, run_dir="/bench-run")  # the run's own index: one network copy
-    px_bare = PhotoExplainer(model, info, None)
+    px = PhotoExplainer(model, info, index, run_dir="/bench-run", method="gradcam")  # the run's own index
+    px_bare = PhotoExplainer(model, info, None, method="gradcam")
     px_pp = PhotoExplainer(model, info, None, method="gradcam++")
 
     def classify() -> None:
