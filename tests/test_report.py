@@ -305,10 +305,10 @@ def test_report_from_a_real_run_and_index(tiny_prepared: Path, tmp_path: Path, o
     )  # fmt: skip
     run = tmp_path / "run"
     fit(cfg, tiny_prepared, run, progress=False)
-    evaluate_run(run, tiny_prepared, device="cpu")
+    evaluate_run(run, tiny_prepared, device="cpu").save()
     index_dir = tmp_path / "index"
     build_index_from_run(run, tiny_prepared, split="train", out_dir=index_dir, device="cpu")
-    evaluate_index(index_dir)
+    evaluate_index(index_dir).save()
     html = build_report([run], tmp_path / "report", index_dirs=[index_dir]).read_text()
     assert "held-out test photos embedded by run" in html
     assert (tmp_path / "report" / "retrieval_index.png").is_file()

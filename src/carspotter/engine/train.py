@@ -33,7 +33,6 @@ from tqdm import tqdm
 from carspotter.config import ExperimentConfig, dump_config, to_dict
 from carspotter.data.dataset import PreparedDataset
 from carspotter.data.manifest import class_names, read_manifest, split_records
-from carspotter.data.transforms import build_transform
 from carspotter.engine import checkpoint as ck
 from carspotter.engine.distributed import (
     DistInfo,
@@ -50,12 +49,11 @@ from carspotter.engine.loader import (
     TensorItems,
     eval_sampler,
     make_loader,
-    mix_seed,
     train_sampler,
 )
 from carspotter.engine.optim import build_optimizer, build_scheduler
 from carspotter.models.factory import CarModel, apply_freeze, create_model, set_trainable_stages
-from carspotter.utils import atomic_write_text, prepare_out_dir, seed_everything
+from carspotter.utils import atomic_write_text, mix_seed, prepare_out_dir, seed_everything
 
 __all__ = ["build_optimizer", "build_scheduler", "evaluate", "fit", "train_one_epoch"]
 
@@ -397,7 +395,8 @@ def _fit(
     if resuming:  # every weight comes from last.pt: no download, no dependence on the original weights file
         mcfg.pretrained, mcfg.weights = False, None
     model = create_model(mcfg, 0 if metric_task else len(names), cfg.data.img_size)
-    mean, std = model.preprocess.mean, model.preprocess.std
+    model.preprocess = model.preprocess.with_data(cfg.data)  # the run's size/crop, the backbone's mean/std
+    pre = model.preprocess
     if dist.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
@@ -435,11 +434,12 @@ def _fit(
     )
 
     # --- loaders --------------------------------------------------------------------------------------------
-    train_tf = build_transform(cfg.data, mean, std, train=True)
-    eval_tf = build_transform(cfg.data, mean, std, train=False)
+    train_tf = pre.train_transform(cfg.data.aug)
+    eval_tf = pre.transform()
     train_ds = PreparedDataset(data_dir, cfg.data.train_split, train_tf, cfg.data.crop_bbox, records=records)
     val_ds = PreparedDataset(data_dir, cfg.data.val_split, eval_tf, cfg.data.crop_bbox, records=records)
     bs, nw, pin = cfg.data.batch_size, cfg.data.num_workers, device.type == "cuda"
+    train_ds.one_thread_transforms = val_ds.one_thread_transforms = nw == 0  # this loop owns the process
     if metric_task:
         if dist.enabled:
             raise ValueError("task: metric is single-process for now; run it without torchrun / --nproc")

@@ -17,6 +17,7 @@ from pytorch_metric_learning.utils import common_functions as pml_common
 from torch import nn
 
 from carspotter.config import ExperimentConfig
+from carspotter.utils import mix_seed
 
 LOSSES = ("proxy_anchor", "multi_similarity", "arcface")
 
@@ -74,8 +75,6 @@ class SeededMPerClassSampler(MPerClassSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        from carspotter.engine.loader import mix_seed
-
         self.labels = list(self._label_order)
         saved = pml_common.NUMPY_RANDOM
         pml_common.NUMPY_RANDOM = np.random.RandomState(mix_seed(self.seed, self.epoch) % 2**32)
