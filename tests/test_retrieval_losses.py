@@ -15,6 +15,8 @@ D, C = 16, 4
 
 
 def cfg_with(**over: object) -> ExperimentConfig:
+    if "train__loss" in over:  # a metric-learning loss belongs to task: metric (the config checks it)
+        over.setdefault("task", "metric")
     return apply_overrides(ExperimentConfig(), {k.replace("__", "."): v for k, v in over.items()})
 
 

@@ -171,9 +171,8 @@ def evaluate(
         result = evaluate_index(path)
         title = f"index {path}"
     elif knn:
-        from carspotter.retrieval.knn import evaluate_knn_run
-
         from carspotter.config import RetrievalConfig
+        from carspotter.retrieval.knn import evaluate_knn_run
         from carspotter.rundir import CONFIG
 
         # the run's (its preset's) kNN settings unless overridden here

@@ -563,8 +563,8 @@ def _fit(
         if val is None:
             name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]  # type: ignore
         else:
-            name = cfg.train.select_metric
-            if name not in val:
+            name = cfg.train.select_metric  # validated against the task by the config
+            if name == "auto":
                 name = "recall_at_1" if metric_task else "accuracy"
             value = val[name]
             score = -value if name == "loss" else value
