@@ -214,7 +214,7 @@ def test_missing_files_show_dash_and_a_note(runs: list[Path], tmp_path: Path) ->
     fs = _tables(html)["From scratch"]
     row = next(r for r in re.findall(r"<tr>(.*?)</tr>", fs, re.S) if "seed-s1" in r)
     assert row.count('class="missing">—<') == 6  # loss, acc, f1, precision, recall, time
-    assert "seed-s1: no metrics.json" in html
+    assert "seed-s1: no metrics_test.json" in html
     assert "bare-run: no config.yaml" in html or "bare-run" in html
     assert "random weights" in html.lower()
 

@@ -36,5 +36,8 @@ def legacy_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     import sys
 
+    from carspotter.cli.common import setup_logging
+
+    setup_logging()
     sys.argv[1:] = legacy_argv(sys.argv[1:])
     build_app()()

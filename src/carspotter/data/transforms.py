@@ -156,6 +156,11 @@ class Preprocess:
         return T.Compose(ops)
 
 
+def resize_size_for(data: DataConfig) -> int:
+    """The shorter side before a centre crop for a DataConfig (Preprocess.resize_side's rule)."""
+    return data.resize_size or round(data.img_size / DEFAULT_CROP_PCT)
+
+
 def check_crop_mode(data: DataConfig) -> None:
     if data.crop_mode not in CROP_MODES:
         raise ValueError(f"data.crop_mode must be one of {CROP_MODES}, got {data.crop_mode!r}")

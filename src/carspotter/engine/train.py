@@ -16,6 +16,7 @@ import copy
 import csv
 import hashlib
 import io
+import logging
 import math
 import random
 import sys
@@ -54,6 +55,8 @@ from carspotter.engine.loader import (
 from carspotter.engine.optim import build_optimizer, build_scheduler
 from carspotter.models.factory import CarModel, apply_freeze, create_model, set_trainable_stages
 from carspotter.utils import atomic_write_text, mix_seed, prepare_out_dir, seed_everything
+
+log = logging.getLogger(__name__)
 
 __all__ = ["build_optimizer", "build_scheduler", "evaluate", "fit", "train_one_epoch"]
 
@@ -341,13 +344,13 @@ def _fit(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
 
-    def say(*a: Any) -> None:
-        if progress and dist.is_main:
-            print(*a, flush=True)
-
-    def warn(*a: Any) -> None:  # printed even with progress=False
+    def say(*a: Any) -> None:  # progress lines: INFO (DEBUG with progress=False); the CLI shows INFO
         if dist.is_main:
-            print(*a, file=sys.stderr, flush=True)
+            log.log(logging.INFO if progress else logging.DEBUG, " ".join(map(str, a)))
+
+    def warn(*a: Any) -> None:  # shown even with progress=False
+        if dist.is_main:
+            log.warning(" ".join(map(str, a)))
 
     # --- run directory: rank 0 checks it; every rank stops with the same error --------------------------
     error = None
@@ -616,7 +619,7 @@ def _fit(
 
     digest = weights_digest(model)
     if dist.enabled:
-        print(f"rank {dist.rank}/{dist.world_size}: final weights sha256 {digest}", flush=True)
+        log.info("rank %d/%d: final weights sha256 %s", dist.rank, dist.world_size, digest)
     barrier(dist)
     return {
         "run_dir": str(out_dir),
