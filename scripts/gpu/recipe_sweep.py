@@ -131,7 +131,9 @@ def main() -> int:
                 continue
             running.remove(item)
             row = {"recipe": name, "seed": seed, "rc": p.returncode, "wall_s": round(time.perf_counter() - started, 1)}
-            mfile = run / "metrics.json"
+            mfile = run / "metrics_test.json"  # carspotter.rundir.metrics_name("test")
+            if not mfile.exists():
+                mfile = run / "metrics.json"  # written before split-named results
             if p.returncode == 0 and mfile.exists():
                 m = json.loads(mfile.read_text())
                 row["test_top1"] = m.get("accuracy")
