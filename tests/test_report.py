@@ -132,6 +132,7 @@ def runs(tmp_path: Path) -> list[Path]:
             tmp_path,
             "strong-metric",
             task="metric",
+            overrides={"train.loss": "proxy_anchor"},
             metrics={
                 "recall_at_1": 0.8111,
                 "recall_at_2": 0.85,

@@ -165,7 +165,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Checks across sections (run when a config is loaded or overridden; each field is checked alone by
+        its type)."""
         sel, metric_task = self.train.select_metric, self.task == "metric"
         if metric_task and sel == "accuracy":  # the old default, which a metric run silently replaced
             log.warning("train.select_metric: 'accuracy' does not exist for task: metric; using recall_at_1")
@@ -292,7 +294,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        out = cls(**kwargs)
+        if isinstance(out, ExperimentConfig):
+            out.validate()
+        return out
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
