@@ -190,3 +190,24 @@ def test_loading_a_downloaded_backbone_index_never_downloads(tmp_path: Path) -> 
     GalleryIndex.build(x, meta, info=info).save(tmp_path / "ix")
     with pytest.raises(GalleryIndexError, match="never downloads"):
         embedder_for_index(GalleryIndex.load(tmp_path / "ix"))
+
+
+def test_evaluate_knn_takes_k_and_metric_from_the_runs_preset(tmp_path: Path, tiny_prepared: Path) -> None:
+    """`evaluate RUN --knn` on a seed-r3 run: k=7, cosine, with no flags; --k overrides and adds a file."""
+    from typer.testing import CliRunner
+
+    from carspotter.cli import build_app, legacy_argv
+    from carspotter.config import dump_config
+    from carspotter.presets import load_preset
+    from conftest import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    cfg = load_preset("seed-r3-densenet121-knn7-cosine")
+    cfg.data.root = str(tiny_prepared)
+    dump_config(cfg, run / rundir.CONFIG)
+    res = CliRunner().invoke(build_app(), ["evaluate", str(run), "--knn", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    name = rundir.knn_metrics_name("test", 7, "cosine", cfg.retrieval.weighting, cfg.retrieval.gallery_split)
+    m = json.loads((run / name).read_text())
+    assert (m["k"], m["metric"], m["gallery_split"]) == (7, "cosine", cfg.retrieval.gallery_split)
+    assert legacy_argv(["evaluate", "R", "--knn", "3"]) == ["evaluate", "R", "--knn", "--k", "3"]
