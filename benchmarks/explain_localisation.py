@@ -31,22 +31,23 @@ from carspotter.config import ExperimentConfig, apply_overrides
 from carspotter.data.images import open_rgb
 from carspotter.data.manifest import read_manifest, split_records
 from carspotter.data.synth import make_synthetic
-from carspotter.engine.checkpoint import load_run
 from carspotter.engine.train import fit
 from carspotter.explain.cam import box_area_share, cam_to_photo, explain_batch, mass_inside
 from carspotter.models.factory import create_model
+from carspotter.models.loading import load_run
 
 
-def measure(model: torch.nn.Module, info, data: Path, method: str, layer: str | None) -> dict[str, float]:
+def measure(model: torch.nn.Module, pre, data: Path, method: str, layer: str | None) -> dict[str, float]:
+    """`pre`: the trained run's Preprocess (the random-weight control is fed exactly the same)."""
     recs = split_records(read_manifest(data), "test")
-    tf = info.eval_transform()
+    tf = pre.transform()
     inside, share, correct = [], [], []
     for i in range(0, len(recs), 32):
         batch = recs[i : i + 32]
         photos = [open_rgb(data / r.path) for r in batch]
         heat, logits = explain_batch(model, torch.stack([tf(p) for p in photos]), method=method, layer=layer)
         for r, p, h, pred in zip(batch, photos, heat, logits.argmax(1).tolist(), strict=True):
-            hp = cam_to_photo(h, p.size, info.resize_size, info.crop_mode)
+            hp = cam_to_photo(h, p.size, pre.resize_side, pre.crop_mode)
             correct.append(pred == r.label)
             if hp.sum() <= 0:  # an empty map (no positive evidence at this layer) says nothing about where
                 continue
@@ -113,7 +114,7 @@ def main() -> None:
             untrained = create_model(rand.model, info.num_classes, a.size).eval()  # random weights throughout
             for method in ("gradcam", "gradcam++"):
                 for name, m in ((f"trained, {method}", model), (f"untrained (control), {method}", untrained)):
-                    r = measure(m, info, data, method, a.layer)
+                    r = measure(m, model.preprocess, data, method, a.layer)
                     rows.setdefault(name, []).append(r)
                     print(f"seed {seed} {name:32s} inside {r['inside']:.3f}  box area {r['area']:.3f}  "
                           f"empty maps {r['empty']:.3f}  acc {r['acc']:.3f}", flush=True)  # fmt: skip

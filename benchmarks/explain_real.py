@@ -54,7 +54,7 @@ def main() -> None:
         h, w = e.heat_photo.shape
         box = (m * w, m * h, (1 - m) * w, (1 - m) * h)
         inside.append(mass_inside(e.heat_photo, box))
-        flat = cam_to_photo(np.ones_like(e.heat), photo.size, px.info.resize_size, px.info.crop_mode)
+        flat = cam_to_photo(np.ones_like(e.heat), photo.size, px.pre.resize_side, px.pre.crop_mode)
         uniform.append(mass_inside(flat, box))  # a map spread evenly over what the network saw
         correct.append(e.top[0]["class_id"] == r.label)
         empty.append(bool(e.heat.max() <= 0))

@@ -37,8 +37,8 @@ N_CLASSES = 196
 
 
 def _info(model: torch.nn.Module) -> SimpleNamespace:
-    """What PhotoExplainer reads from a run's model.json (engine.checkpoint.ModelInfo), for a bare model."""
-    from carspotter.engine.checkpoint import ModelInfo
+    """What PhotoExplainer reads from a run's model.json (rundir.ModelInfo), for a bare model."""
+    from carspotter.rundir import ModelInfo
 
     p = model.preprocess.to_dict()
     return ModelInfo({}, N_CLASSES, [f"class {i}" for i in range(N_CLASSES)], p)  # type: ignore[return-value]
@@ -59,7 +59,7 @@ def bench(arch: str, size: int, photo: Image.Image, reps: int, index_size: int) 
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch=arch, pretrained=False), N_CLASSES, size).eval()
     info = _info(model)
-    tf = info.eval_transform()
+    tf = model.preprocess.transform()
     index = _index(model, index_size) if index_size else None
     px = PhotoExplainer(model, info, index, run_dir="/bench-run", method="gradcam")  # the run's own index
     px_bare = PhotoExplainer(model, info, None, method="gradcam")

@@ -188,7 +188,8 @@ class Explainer:
 def crop_region(
     photo_size: tuple[int, int], img_size: int, resize_size: int | None = None, crop_mode: str = "center"
 ) -> tuple[float, float, float, float]:
-    """(x1, y1, x2, y2) of the photo region the network saw, in photo pixels (data.transforms' eval path)."""
+    """(x1, y1, x2, y2) of the photo region the network saw, in photo pixels (data.transforms.Preprocess:
+    `resize_size` is the shorter side before the centre crop, its `resize_side`)."""
     w, h = photo_size
     if crop_mode == "squash":
         return 0.0, 0.0, float(w), float(h)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from carspotter.data.transforms import Preprocess
 from carspotter.explain.cam import DEFAULT_METHOD, Explainer, ExplainError, cam_to_photo, overlay
 from carspotter.explain.evidence import check_same_classes, evidence
 
@@ -58,7 +59,7 @@ class PhotoExplainer:
     def __init__(
         self,
         model: torch.nn.Module,
-        info: Any,  # engine.checkpoint.ModelInfo
+        info: Any,  # rundir.ModelInfo (model.json)
         index: Any = None,  # retrieval.index.GalleryIndex
         run_dir: str | Path | None = None,
         method: str = DEFAULT_METHOD,
@@ -69,8 +70,9 @@ class PhotoExplainer:
         self.info = info
         self.class_names = list(info.class_names)
         self.device = device
-        self.transform = info.eval_transform()
-        self.explainer = Explainer(model, method, img_size=int(info.preprocess["img_size"]))
+        self.pre = Preprocess.from_dict(info.preprocess)  # exactly what classify feeds the network
+        self.transform = self.pre.transform()
+        self.explainer = Explainer(model, method, img_size=self.pre.img_size)
         self.index = index
         self.embed_model: torch.nn.Module | None = None
         if index is not None:
@@ -92,7 +94,7 @@ class PhotoExplainer:
         method: str = DEFAULT_METHOD,
         device: str = "cpu",
     ) -> PhotoExplainer:
-        from carspotter.engine.checkpoint import load_run
+        from carspotter.models.loading import load_run
 
         model, info = load_run(run_dir, device)
         index = None
@@ -140,7 +142,7 @@ class PhotoExplainer:
             if display_max and max(photo.size) > display_max:
                 shown = photo.copy()
                 shown.thumbnail((display_max, display_max), Image.Resampling.BILINEAR)
-            hp = cam_to_photo(heat[b], shown.size, self.info.resize_size, self.info.crop_mode)
+            hp = cam_to_photo(heat[b], shown.size, self.pre.resize_side, self.pre.crop_mode)
             ev = None
             if queries is not None:
                 runner = ranked[1]["class_id"] if len(ranked) > 1 else None
@@ -157,12 +159,11 @@ class PhotoExplainer:
     def _shares_pass(self) -> bool:
         """The index embeds with this very network and preprocessing: its query vector is the pooled
         feature (or embedding) of the Grad-CAM forward pass, so no second forward is needed."""
-        info = self.index.info if self.index is not None else {}
-        return (
-            self.embed_model is self.explainer.model
-            and info.get("resize_size") == self.info.resize_size
-            and info.get("crop_mode", "center") == self.info.crop_mode
-        )
+        if self.index is None or self.embed_model is not self.explainer.model:
+            return False
+        from carspotter.retrieval.query import index_preprocess
+
+        return index_preprocess(self.index, self.explainer.model).to_dict() == self.pre.to_dict()
 
     def _explain(
         self, x: torch.Tensor, class_idx: list[int] | None

@@ -37,15 +37,17 @@ def _small(img: Any) -> Any:
 def why_section(
     run: Any, slug: str, n_correct: int = 3, n_wrong: int = 3, n_pairs: int = 3, seed: int = 0
 ) -> Section:
-    """`run` is a report.load.RunRecord with predictions.csv (the best classification run)."""
+    """`run` is a report.load.RunRecord with test predictions (the best classification run)."""
     from carspotter.data.images import ImageError, open_rgb
     from carspotter.data.manifest import read_manifest
-    from carspotter.engine.checkpoint import load_run
     from carspotter.explain.cam import Explainer, cam_to_photo, overlay
+    from carspotter.models.loading import load_run
     from carspotter.report.plots import confusion, most_confused_pairs
+    from carspotter.rundir import find_predictions
 
     sec = Section("Why: what the network looks at")
-    rows = _rows(run.path / "predictions.csv")
+    pred_csv = find_predictions(run.path)
+    rows = _rows(pred_csv) if pred_csv is not None else []
     root = Path(run.cfg.data.root) if run.cfg is not None and run.cfg.data.root else None
     if not rows or root is None or not (root / rows[0]["path"]).is_file():
         sec.blocks.append(
@@ -54,8 +56,9 @@ def why_section(
         return sec
     model, info = load_run(run.path)
     names = list(info.class_names)
-    ex = Explainer(model, img_size=int(info.preprocess["img_size"]))
-    tf = info.eval_transform()
+    pre = model.preprocess
+    ex = Explainer(model, img_size=pre.img_size)
+    tf = pre.transform()
     rng = np.random.default_rng(seed)
     right = [r for r in rows if r["label"] == r["pred"]]
     wrong = [r for r in rows if r["label"] != r["pred"]]
@@ -75,7 +78,7 @@ def why_section(
         shown = _small(photo)
         cells = [GridCell(shown, f"true: {names[r['label']]}")]
         for c, h in zip(classes, heat, strict=True):
-            hp = cam_to_photo(h, shown.size, info.resize_size, info.crop_mode)
+            hp = cam_to_photo(h, shown.size, pre.resize_side, pre.crop_mode)
             what = "predicted" if c == r["pred"] else "heat-map of the true class"
             label = f"{what}: {names[c]}" + (f" ({r['confidence']:.2f})" if c == r["pred"] else "")
             cells.append(GridCell(overlay(shown, hp), label, correct=c == r["label"]))
