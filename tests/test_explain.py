@@ -119,7 +119,7 @@ def test_explaining_leaves_the_model_and_its_predictions_unchanged() -> None:
 def test_folded_eval_path_gives_the_same_maps_and_logits() -> None:
     model = scratch()
     x = torch.randn(3, 3, 32, 32)
-    ex = Explainer(model, img_size=32)
+    ex = Explainer(model, method="gradcam", img_size=32)
     assert ex.folded == 2 and ex.layer == "backbone.blocks.1"
     heat, logits = ex(x)
     with torch.inference_mode():

@@ -59,7 +59,7 @@ def test_explain_returns_overlay_and_grouped_evidence(app_and_url, serve_data: d
 def test_classify_answers_while_an_explanation_is_running(app_and_url, serve_data: dict[str, Path]) -> None:  # noqa: F811
     """Hold the explainer busy (its lock, as a long explanation would) and classify must still answer."""
     app, url = app_and_url
-    service = app.state.service.predictor.explainer
+    service = app.state.service.explainer
     q = service.batcher._queue
     sent = q.unfinished_tasks
     result: dict[str, httpx.Response] = {}

@@ -24,6 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from carspotter.serve.explain import ExplainService
 from carspotter.serve.inference import Busy, Predictor
 from carspotter.serve.uploads import BodyLimitMiddleware, UploadLimits, load_upload, too_large_detail
 
@@ -46,6 +47,7 @@ class Service:
 
     def __init__(self, predictor: Predictor, limits: UploadLimits) -> None:
         self.predictor = predictor
+        self.explainer = ExplainService(predictor, max_batch=predictor.batcher.max_batch)  # its own worker
         self.limits = limits
         self.started = time.time()
         self.page = resources.files("carspotter.serve").joinpath("templates/index.html").read_text("utf-8")
@@ -174,12 +176,11 @@ async def explain(request: Request, file: Upload, k: KQuery = None, k_form: KFor
     """The photo with its Grad-CAM heat-map (PNG data URL), the target layer, and the k nearest gallery photos
     of the predicted class plus the nearest of the runner-up (with an index). Runs on its own worker, so a
     slow explanation never holds up /api/classify."""
-    p = _service(request).predictor
     k = min(k or k_form or 3, 20)
     image = await _read_image(request, file)
     t0 = time.perf_counter()
     try:
-        fut = p.explainer.submit(image, k)
+        fut = _service(request).explainer.submit(image, k)
     except Busy as e:
         raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
     result = await asyncio.wrap_future(fut)
@@ -251,6 +252,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         predictor.close()
+        app.state.service.explainer.close()
 
     from carspotter import __version__
 

@@ -27,7 +27,8 @@ def data_url(img: Image.Image) -> str:
 
 
 class ExplainService:
-    """`submit(image, k)` → a future of the /api/explain answer; one explanation batch at a time (`lock`)."""
+    """`submit(image, k)` → a future of the /api/explain answer; one explanation batch at a time (`lock`).
+    `predictor` (serve.inference.Predictor) lends its loaded run, info and index; its model is copied."""
 
     def __init__(self, predictor: Any, max_batch: int = 4, max_queue: int = 32) -> None:
         self.predictor = predictor

@@ -135,9 +135,6 @@ class Predictor:
             self.index = GalleryIndex.load(index_dir)
             self.embed_model = self._embedding_model()
         self.batcher = MicroBatcher({"classify": self.classify_batch, "search": self.search_batch}, max_batch)
-        from carspotter.serve.explain import ExplainService  # its own worker thread and network copy
-
-        self.explainer = ExplainService(self, max_batch=max_batch)
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def _embedding_model(self) -> CarModel:
@@ -202,4 +199,3 @@ class Predictor:
 
     def close(self) -> None:
         self.batcher.close()
-        self.explainer.close()
