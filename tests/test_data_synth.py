@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -76,3 +77,24 @@ def test_cli_synth(tmp_path: Path) -> None:
     r = CliRunner().invoke(build_app(), args)
     assert r.exit_code == 0, r.output
     assert len(read_manifest(tmp_path / "s")) == 12
+
+
+def test_synthetic_box_is_the_drawn_vehicle() -> None:
+    """The recorded box is the known truth for localisation checks: it holds every pixel drawn for the
+    vehicle (pillars, arches, spoiler included) and no slack, per side, within a pixel."""
+    from PIL import Image, ImageDraw
+
+    from carspotter.data.synth import _draw_car
+
+    s = 96
+    for k, c in enumerate(class_catalogue(12)):
+        for i in range(3):
+            rng = np.random.default_rng([0, k, i])
+            img = Image.new("RGB", (s, s))  # black canvas: any non-black pixel was drawn for the car
+            box = [
+                min(max(v, 0), s)
+                for v in _draw_car(ImageDraw.Draw(img), c, rng, s, rng.uniform(0.35, 0.7) * s)
+            ]
+            ys, xs = np.nonzero(np.asarray(img).max(-1) > 0)
+            drawn = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert np.allclose(box, drawn, atol=1.0), (c.name, i, box, drawn)
