@@ -542,8 +542,8 @@ def test_batched_forward_equals_one_by_one(serve_data: dict[str, Path]) -> None:
     p = Predictor(serve_data["run"], serve_data["index"])
     try:
         imgs = [open_rgb(serve_data["data"] / "images" / f"c{c}_000.jpg") for c in range(N_CLASSES)]
-        together = p.classify_batch(imgs, [3] * len(imgs))
-        alone = [p.classify_batch([im], [3])[0] for im in imgs]
+        together = [r["predictions"] for r in p.classify_batch(imgs, [3] * len(imgs))]
+        alone = [p.classify_batch([im], [3])[0]["predictions"] for im in imgs]
         for t, a in zip(together, alone, strict=True):
             assert [x["class_id"] for x in t] == [x["class_id"] for x in a]
             assert np.allclose([x["probability"] for x in t], [x["probability"] for x in a], atol=1e-5)

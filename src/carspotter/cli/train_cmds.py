@@ -144,6 +144,12 @@ def evaluate(
     weighting: str = typer.Option("majority", "--weighting", help="kNN vote: majority | distance."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
+    zoom: bool = typer.Option(
+        False, "--zoom/--no-zoom", help="Second look at the CAM box (metrics_zoom.json, paired with one look)."
+    ),
+    zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
+    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
     """Evaluate a run on a split (metrics.json, predictions.csv), kNN on its embeddings, or an index."""
     if (path / "index.faiss").is_file() and knn is not None:
@@ -165,6 +171,13 @@ def evaluate(
             path, data, knn, metric, split, gallery_split, device=device, weighting=weighting
         )
         title = f"kNN k={knn} ({metric}) on {split}"
+    elif zoom:
+        from carspotter.explain.zoom import ZoomSettings, evaluate_zoom
+
+        metrics = evaluate_zoom(
+            path, data, split, device, batch_size or 32, ZoomSettings(zoom_combine), _box(box_threshold, box_margin)
+        )
+        title = f"{path} on {split}, with a second look at the CAM box ({zoom_combine})"
     else:
         from carspotter.engine.evaluate import evaluate_run
 
@@ -178,14 +191,37 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     k: int = typer.Option(5, "--k", help="How many classes to show per image."),
     device: str = typer.Option("cpu", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (top-k and the car's box) instead of tables."),
+    zoom: bool = typer.Option(False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."),
+    zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
+    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
-    """Print the top-k classes with probabilities for each image."""
-    from carspotter.engine.evaluate import predict_images
+    """Print the top-k classes with probabilities for each image, and where the car is (normalised box)."""
+    import json
 
-    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device):
+    from carspotter.explain.zoom import ZoomSettings, predict_with_box
+
+    zs = ZoomSettings(zoom_combine) if zoom else None
+    results = predict_with_box(
+        run_dir, [str(p) for p in images], k=k, zoom=zs, box=_box(box_threshold, box_margin), device=device
+    )
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for res in results:
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
-        typer.echo(res["path"])
+        typer.echo(f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else ""))
         _table("", rows, ("#", "class", "probability"))
+
+
+def _box(threshold: float | None, margin: float | None):  # -> BoxSettings
+    from dataclasses import replace
+
+    from carspotter.explain.box import BoxSettings
+
+    given = {"threshold": threshold, "margin": margin}
+    return replace(BoxSettings(), **{k: v for k, v in given.items() if v is not None})
 
 
 def presets() -> None:
