@@ -261,13 +261,14 @@ def evaluate_zoom(
         raise RunError(f"{data_dir}: split {split!r} has no images")
     zoom = zoom or ZoomSettings()
     looker = Looker(model, info, box, zoom, dev, autocast_dtype(cfg.train.amp, dev))
-    firsts, finals, boxes, zoomed = [], [], [], []
+    firsts, finals, seconds, boxes, zoomed = [], [], [], [], []
     t_first = t_second = 0.0
     for s in range(0, n, batch_size):
         images = [ds.load_image(i) for i in range(s, min(n, s + batch_size))]
         looks = looker(images)
         firsts.append(looks.first)
         finals.append(looks.logits)
+        seconds.append(looks.second)
         boxes.append(looks.boxes)
         zoomed.append(looks.zoomed)
         t_first += looks.seconds["first"]
@@ -279,6 +280,7 @@ def evaluate_zoom(
     metrics: dict[str, Any] = {
         **classification_metrics(labels, probs.argmax(1), probs, loss),
         **zoom_comparison(labels, first, final),
+        "combine_alternatives": _alternatives(labels, first, torch.cat(seconds), np.concatenate(boxes), zoom),
         "zoom": asdict(zoom),
         "box": asdict(looker.box),
         "cam_method": looks.method,
@@ -295,6 +297,24 @@ def evaluate_zoom(
     atomic_write_text(run_dir / f"predictions_zoom{suffix}.csv", _with_boxes(_predictions_csv(ds.paths[:n], labels, probs), np.concatenate(boxes)))
     atomic_write_json(run_dir / f"metrics_zoom{suffix}.json", metrics)
     return metrics
+
+
+def _alternatives(
+    labels: np.ndarray, first: torch.Tensor, second: torch.Tensor, boxes: np.ndarray, zoom: ZoomSettings
+) -> dict[str, float] | None:
+    """Accuracy of every way to combine the same two looks (so one pass chooses the default)."""
+    if zoom.combine == "gate":  # photos with a large box had no second look
+        return None
+    y = torch.as_tensor(labels)
+    acc = lambda lg: float((lg.argmax(1) == y).float().mean())  # noqa: E731
+    mean = (first + second) / 2
+    out = {"one_look": acc(first), "mean": acc(mean), "zoom": acc(second)}
+    area = torch.as_tensor(box_area(boxes))
+    for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        gate = area < a
+        out[f"gate@{a}"] = acc(torch.where(gate[:, None], mean, first))
+        out[f"gate@{a}_share_zoomed"] = float(gate.float().mean())
+    return out
 
 
 def _with_boxes(pred_csv: str, boxes: np.ndarray) -> str:
