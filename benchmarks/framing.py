@@ -63,7 +63,10 @@ def conditions() -> list[tuple[str, Callable[[Image.Image, Box], Image.Image]]]:
     for s in (0.9, 0.75, 0.6):
         out.append((f"tight {int(s * 100)} % centre", lambda im, b, s=s: tight(im, s, (0.5, 0.5))))
         out.append(
-            (f"tight {int(s * 100)} % on box", lambda im, b, s=s: tight(im, s, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
+            (
+                f"tight {int(s * 100)} % on box",
+                lambda im, b, s=s: tight(im, s, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)),
+            )
         )
     for s in (0.75, 0.5):
         for canvas in ("pad", "blur"):
@@ -91,7 +94,9 @@ def run_benchmark(
     for name, fn in conditions():
         first, final, secs = [], [], [0.0, 0.0]
         for s in range(0, len(images), batch):
-            framed = [fn(im, tuple(b)) for im, b in zip(images[s : s + batch], boxes[s : s + batch], strict=True)]
+            framed = [
+                fn(im, tuple(b)) for im, b in zip(images[s : s + batch], boxes[s : s + batch], strict=True)
+            ]
             looks = looker(framed)
             first.append(looks.first)
             final.append(looks.logits)
@@ -99,7 +104,9 @@ def run_benchmark(
             secs[1] += looks.seconds["second"]
         a1 = float((torch.cat(first).argmax(1) == labels).float().mean())
         az = float((torch.cat(final).argmax(1) == labels).float().mean())
-        rows.append({"framing": name, "one_look": a1, "zoom": az, "time_first_s": secs[0], "time_second_s": secs[1]})
+        rows.append(
+            {"framing": name, "one_look": a1, "zoom": az, "time_first_s": secs[0], "time_second_s": secs[1]}
+        )
     base = rows[0]
     for r in rows:
         r["one_look_vs_original"] = r["one_look"] / base["one_look"] if base["one_look"] else None
@@ -143,7 +150,10 @@ def smoke() -> dict[str, Any]:
     from dataclasses import asdict
 
     names = [r.class_name for r in PreparedDataset(tmp / "data", "all").records]
-    save_model_json(tmp / "run", ModelInfo(asdict(cfg), 3, sorted(set(names), key=names.index), model.preprocess.to_dict()))
+    save_model_json(
+        tmp / "run",
+        ModelInfo(asdict(cfg), 3, sorted(set(names), key=names.index), model.preprocess.to_dict()),
+    )
     (tmp / "run" / "config.yaml").write_text(f"data:\n  root: {tmp / 'data'}\n")
     return run_benchmark(tmp / "run", tmp / "data", "test", None, "mean")
 

@@ -42,8 +42,8 @@ from carspotter.explain.box import (
     view_window,
 )
 
-THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
-MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 CENTRE_SHARES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -78,7 +78,10 @@ def maps_and_truth(run: Path, data: Path, split: str, batch: int = 32) -> dict[s
 
 def cam_boxes(m: dict[str, Any], settings: BoxSettings) -> np.ndarray:
     return np.asarray(
-        [to_photo(box_from_map(c, settings.threshold, settings.margin), w) for c, w in zip(m["maps"], m["wins"], strict=True)]
+        [
+            to_photo(box_from_map(c, settings.threshold, settings.margin), w)
+            for c, w in zip(m["maps"], m["wins"], strict=True)
+        ]
     )
 
 
@@ -96,15 +99,23 @@ def run_benchmark(run: Path, data: Path, tune_split: str, split: str) -> dict[st
             sc = score(cam_boxes(tune, BoxSettings(t, mg)), tune["truth"])
             grid.append({"threshold": t, "margin": mg, **sc})
     best = max(grid, key=lambda g: (g["corloc"], g["mean_iou"]))
-    best_share = max(CENTRE_SHARES, key=lambda sh: score(np.asarray(centre_box(sh)), tune["truth"])["mean_iou"])
+    best_share = max(
+        CENTRE_SHARES, key=lambda sh: score(np.asarray(centre_box(sh)), tune["truth"])["mean_iou"]
+    )
     test = maps_and_truth(run, data, split)
     chosen, default = BoxSettings(best["threshold"], best["margin"]), BoxSettings()
     n = len(test["truth"])
     rows = {
-        f"CAM box (tuned: t={chosen.threshold}, m={chosen.margin})": score(cam_boxes(test, chosen), test["truth"]),
-        f"CAM box (defaults: t={default.threshold}, m={default.margin})": score(cam_boxes(test, default), test["truth"]),
+        f"CAM box (tuned: t={chosen.threshold}, m={chosen.margin})": score(
+            cam_boxes(test, chosen), test["truth"]
+        ),
+        f"CAM box (defaults: t={default.threshold}, m={default.margin})": score(
+            cam_boxes(test, default), test["truth"]
+        ),
         "centre box (50 % of each side)": score(np.tile(centre_box(0.5), (n, 1)), test["truth"]),
-        f"centre box (tuned share {best_share})": score(np.tile(centre_box(best_share), (n, 1)), test["truth"]),
+        f"centre box (tuned share {best_share})": score(
+            np.tile(centre_box(best_share), (n, 1)), test["truth"]
+        ),
         "whole photo": score(np.tile(WHOLE, (n, 1)), test["truth"]),
     }
     correct = test["pred"] == test["labels"]

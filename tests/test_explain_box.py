@@ -107,16 +107,25 @@ def test_iou_and_corloc() -> None:
     assert corloc(np.array([0.2, 0.5, 0.7, 0.49])) == 0.5
 
 
-@pytest.mark.parametrize("crop_mode,size", [("center", (200, 100)), ("center", (90, 160)), ("squash", (200, 100))])
+@pytest.mark.parametrize(
+    "crop_mode,size", [("center", (200, 100)), ("center", (90, 160)), ("squash", (200, 100))]
+)
 def test_view_window_matches_the_real_eval_transform(crop_mode: str, size: tuple[int, int]) -> None:
     """Encode x and y in the photo's colours, run the model's eval transform, read back what it kept."""
     w, h = size
     xs, ys = np.meshgrid(np.arange(w), np.arange(h))
     arr = np.stack([(xs + 0.5) / w * 255, (ys + 0.5) / h * 255, np.zeros_like(xs)], -1).astype(np.uint8)
-    info = ModelInfo({}, 2, ["a", "b"], {"img_size": 32, "mean": (0, 0, 0), "std": (1, 1, 1)}, crop_mode=crop_mode)
+    info = ModelInfo(
+        {}, 2, ["a", "b"], {"img_size": 32, "mean": (0, 0, 0), "std": (1, 1, 1)}, crop_mode=crop_mode
+    )
     x = info.eval_transform()(Image.fromarray(arr))  # (3, 32, 32) in [0, 1]
     win = view_window(w, h, 32, None, crop_mode)
-    seen = (float(x[0, :, 0].mean()), float(x[1, 0, :].mean()), float(x[0, :, -1].mean()), float(x[1, -1, :].mean()))
+    seen = (
+        float(x[0, :, 0].mean()),
+        float(x[1, 0, :].mean()),
+        float(x[0, :, -1].mean()),
+        float(x[1, -1, :].mean()),
+    )
     px = 1.0 / min(w, h) * 2  # a pixel or two of the photo, after resampling
     assert abs(seen[0] - win[0]) < 2 * px and abs(seen[2] - win[2]) < 2 * px
     assert abs(seen[1] - win[1]) < 2 * px and abs(seen[3] - win[3]) < 2 * px
@@ -124,12 +133,16 @@ def test_view_window_matches_the_real_eval_transform(crop_mode: str, size: tuple
 
 
 # ---------------------------------------------------------------- the maps, against pytorch_grad_cam
-def _gradcam_lib(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, classes: list[int]) -> np.ndarray:
+def _gradcam_lib(
+    model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, classes: list[int]
+) -> np.ndarray:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     with GradCAM(model=model, target_layers=[layer]) as cam:
-        return cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])  # (B, H, W) in [0, 1]
+        return cam(
+            input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes]
+        )  # (B, H, W) in [0, 1]
 
 
 def test_plain_cam_is_exact_and_agrees_with_pytorch_grad_cam() -> None:
@@ -137,7 +150,9 @@ def test_plain_cam_is_exact_and_agrees_with_pytorch_grad_cam() -> None:
     last feature layer equals ReLU(CAM) up to scale, so after normalising both they must agree."""
     torch.manual_seed(0)
     for embed in (None, 24):
-        model = create_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=False, embed_dim=embed), 5, 64)
+        model = create_model(
+            ModelConfig(arch="tf_efficientnet_lite0", pretrained=False, embed_dim=embed), 5, 64
+        )
         model.eval()
         x = torch.randn(2, 3, 96, 96)
         act = activation_maps(model, x)
@@ -171,12 +186,12 @@ def test_zoom_rect_stays_in_the_photo_and_holds_the_box() -> None:
         w, h = (int(v) for v in rng.integers(20, 300, size=2))
         a, b = np.sort(rng.random(2)), np.sort(rng.random(2))
         box = (a[0], b[0], a[1], b[1])
-        l, t, r, btm = zoom_rect(w, h, box)
-        assert 0 <= l < r <= w and 0 <= t < btm <= h
+        x0, t, r, btm = zoom_rect(w, h, box)
+        assert 0 <= x0 < r <= w and 0 <= t < btm <= h
         # the box is inside the crop (to a pixel), and the crop is no less square than the box allows
-        assert l <= box[0] * w + 1 and r >= box[2] * w - 1 and t <= box[1] * h + 1 and btm >= box[3] * h - 1
+        assert x0 <= box[0] * w + 1 and r >= box[2] * w - 1 and t <= box[1] * h + 1 and btm >= box[3] * h - 1
         bw, bh = (box[2] - box[0]) * w, (box[3] - box[1]) * h
-        assert (r - l) >= min(w, max(bw, bh)) - 1 and (btm - t) >= min(h, max(bw, bh)) - 1
+        assert (r - x0) >= min(w, max(bw, bh)) - 1 and (btm - t) >= min(h, max(bw, bh)) - 1
     img = Image.new("RGB", (100, 50))
     assert zoom_crop(img, (0.1, 0.2, 0.3, 0.6)).size == (20, 20)
 
@@ -251,7 +266,9 @@ def test_trained_cam_box_finds_the_object(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the command line
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "carspotter", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "carspotter", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_predict_json_and_evaluate_zoom(tmp_path: Path, tiny_prepared: Path) -> None:

@@ -145,7 +145,9 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     zoom: bool = typer.Option(
-        False, "--zoom/--no-zoom", help="Second look at the CAM box (metrics_zoom.json, paired with one look)."
+        False,
+        "--zoom/--no-zoom",
+        help="Second look at the CAM box (metrics_zoom.json, paired with one look).",
     ),
     zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
     box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
@@ -175,7 +177,13 @@ def evaluate(
         from carspotter.explain.zoom import ZoomSettings, evaluate_zoom
 
         metrics = evaluate_zoom(
-            path, data, split, device, batch_size or 32, ZoomSettings(zoom_combine), _box(box_threshold, box_margin)
+            path,
+            data,
+            split,
+            device,
+            batch_size or 32,
+            ZoomSettings(zoom_combine),
+            _box(box_threshold, box_margin),
         )
         title = f"{path} on {split}, with a second look at the CAM box ({zoom_combine})"
     else:
@@ -191,8 +199,12 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     k: int = typer.Option(5, "--k", help="How many classes to show per image."),
     device: str = typer.Option("cpu", "--device"),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON (top-k and the car's box) instead of tables."),
-    zoom: bool = typer.Option(False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print JSON (top-k and the car's box) instead of tables."
+    ),
+    zoom: bool = typer.Option(
+        False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
+    ),
     zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
     box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
     box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
@@ -211,7 +223,9 @@ def predict(
         return
     for res in results:
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
-        typer.echo(f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else ""))
+        typer.echo(
+            f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else "")
+        )
         _table("", rows, ("#", "class", "probability"))
 
 

@@ -69,11 +69,15 @@ def _is_mean_pool(fm: torch.Tensor, pooled: torch.Tensor) -> bool:
 def activation_maps(model: CarModel, x: torch.Tensor, classes: torch.Tensor | None = None) -> Activation:
     """One forward: logits and the class-activation map of each image's top-1 class (or of `classes`)."""
     if not isinstance(model.classifier, torch.nn.Linear):
-        raise ValueError("this model has no classifier (a metric-learning run): it has no class activation map")
+        raise ValueError(
+            "this model has no classifier (a metric-learning run): it has no class activation map"
+        )
     with torch.no_grad():
         fm = model.feature_map(x)
         if fm.ndim != 4:
-            raise ValueError(f"{type(model.backbone).__name__} gives no spatial feature map (shape {tuple(fm.shape)})")
+            raise ValueError(
+                f"{type(model.backbone).__name__} gives no spatial feature map (shape {tuple(fm.shape)})"
+            )
         pooled = model.pool_map(fm)
         logits = model.forward_head(pooled).float()
     cls = logits.argmax(dim=1) if classes is None else classes.to(logits.device)
@@ -84,7 +88,9 @@ def activation_maps(model: CarModel, x: torch.Tensor, classes: torch.Tensor | No
         return Activation(logits, maps, cls, "cam")
     # Grad-CAM through the head only: the backbone's forward is reused, the backward is a few small layers.
     with torch.inference_mode(False), torch.enable_grad():
-        fmg = fm.detach().clone().float().requires_grad_(True)  # clones: normal tensors even under inference_mode
+        fmg = (
+            fm.detach().clone().float().requires_grad_(True)
+        )  # clones: normal tensors even under inference_mode
         out = model.forward_head(model.pool_map(fmg))
         (grad,) = torch.autograd.grad(out.gather(1, cls.clone()[:, None]).sum(), fmg)
         maps = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * fmg).sum(dim=1)).detach()
@@ -127,7 +133,7 @@ def view_window(width: int, height: int, img_size: int, resize_size: int | None,
         nw, nh = r, int(r * height / width)
     else:
         nw, nh = int(r * width / height), r
-    left, top = int(round((nw - img_size) / 2.0)), int(round((nh - img_size) / 2.0))
+    left, top = round((nw - img_size) / 2.0), round((nh - img_size) / 2.0)
     return (
         max(0.0, left / nw),
         max(0.0, top / nh),

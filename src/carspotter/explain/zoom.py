@@ -26,7 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.explain.box import Box, BoxSettings, activation_maps, box_area, box_from_map, normalise_maps, to_photo, view_window
+from carspotter.explain.box import (
+    Box,
+    BoxSettings,
+    activation_maps,
+    box_area,
+    box_from_map,
+    normalise_maps,
+    to_photo,
+    view_window,
+)
 from carspotter.models.factory import CarModel
 
 COMBINES = ("mean", "zoom", "gate")
@@ -68,9 +77,9 @@ def zoom_rect(width: int, height: int, box: Box) -> tuple[int, int, int, int]:
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     left = min(max(cx - cw / 2, 0.0), w - cw)
     top = min(max(cy - ch / 2, 0.0), h - ch)
-    l, t = int(round(left)), int(round(top))
-    r, b = max(l + 1, int(round(left + cw))), max(t + 1, int(round(top + ch)))
-    return l, t, min(r, w), min(b, h)
+    x0, y0 = round(left), round(top)
+    x1, y1 = max(x0 + 1, round(left + cw)), max(y0 + 1, round(top + ch))
+    return x0, y0, min(x1, w), min(y1, h)
 
 
 def zoom_crop(img: Image.Image, box: Box) -> Image.Image:
@@ -202,7 +211,9 @@ def mcnemar(first_ok: np.ndarray, second_ok: np.ndarray) -> dict[str, float]:
     return {"only_first_right": b, "only_zoom_right": c, "mcnemar_p": p}
 
 
-def paired_bootstrap(first_ok: np.ndarray, second_ok: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap(
+    first_ok: np.ndarray, second_ok: np.ndarray, n: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95 % bootstrap interval of accuracy(second) − accuracy(first), resampling photos (pairs kept)."""
     rng = np.random.default_rng(seed)
     d = second_ok.astype(np.float64) - first_ok.astype(np.float64)
@@ -255,7 +266,9 @@ def evaluate_zoom(
     data_dir = Path(data_dir or cfg.data.root)
     ds = PreparedDataset(data_dir, split, crop_bbox=cfg.data.crop_bbox)
     if ds.class_names != info.class_names:
-        raise RunError(f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on")
+        raise RunError(
+            f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
+        )
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise RunError(f"{data_dir}: split {split!r} has no images")
@@ -294,7 +307,10 @@ def evaluate_zoom(
         "device": str(dev),
     }
     suffix = "" if split == "test" else f"_{split}"
-    atomic_write_text(run_dir / f"predictions_zoom{suffix}.csv", _with_boxes(_predictions_csv(ds.paths[:n], labels, probs), np.concatenate(boxes)))
+    atomic_write_text(
+        run_dir / f"predictions_zoom{suffix}.csv",
+        _with_boxes(_predictions_csv(ds.paths[:n], labels, probs), np.concatenate(boxes)),
+    )
     atomic_write_json(run_dir / f"metrics_zoom{suffix}.json", metrics)
     return metrics
 
@@ -360,7 +376,11 @@ def localisation(
             truth.append((x1 / im.width, y1 / im.height, x2 / im.width, y2 / im.height))
     t, p = np.asarray(truth), np.concatenate(pred)
     out: dict[str, Any] = {"n_images": len(idx), "split": split, "box": asdict(looker.box)}
-    for name, boxes in (("cam", p), ("centre", np.asarray(centre_box(centre_share))), ("whole", np.asarray(WHOLE))):
+    for name, boxes in (
+        ("cam", p),
+        ("centre", np.asarray(centre_box(centre_share))),
+        ("whole", np.asarray(WHOLE)),
+    ):
         ious = iou(boxes, t)
         out[name] = {"mean_iou": float(np.mean(ious)), "corloc": corloc(ious)}
     out["ious"] = iou(p, t)

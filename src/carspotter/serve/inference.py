@@ -176,8 +176,8 @@ class Predictor:
             zoom = None
             if looks.zoomed is not None:
                 w, h = images[b].size
-                l, t, r, btm = zoom_rect(w, h, tuple(looks.boxes[b]))  # type: ignore[arg-type]
-                zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((l / w, t / h, r / w, btm / h))}
+                x0, y0, x1, y1 = zoom_rect(w, h, tuple(looks.boxes[b]))  # type: ignore[arg-type]
+                zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
             preds = [
                 {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
                 for p, i in zip(top_p[b, :k].tolist(), top_i[b, :k].tolist(), strict=True)
