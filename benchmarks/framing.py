@@ -74,6 +74,23 @@ def conditions() -> list[tuple[str, Callable[[Image.Image, Box], Image.Image]]]:
     return out
 
 
+def cam_overhead(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict[str, float]:
+    """Best-of-`reps` seconds of a plain forward vs the forward that also yields the CAM box maps."""
+    from carspotter.explain.box import activation_maps
+
+    def best(fn: Callable[[], Any]) -> float:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    plain = best(lambda: model(x))
+    cam = best(lambda: activation_maps(model, x))  # type: ignore[arg-type]
+    return {"forward_s": plain, "forward_with_cam_s": cam, "ratio": cam / plain}
+
+
 def run_benchmark(
     run: Path, data: Path | None, split: str, limit: int | None, combine: str, batch: int = 32, seed: int = 0
 ) -> dict[str, Any]:
@@ -90,6 +107,7 @@ def run_benchmark(
     images = [ds.load_image(int(i)) for i in idx]
     # the CAM box of the first look at the original photo (for "tight … on box")
     boxes = np.concatenate([one_looker(images[s : s + batch]).boxes for s in range(0, len(images), batch)])
+    overhead = cam_overhead(model, torch.stack([info.eval_transform()(im) for im in images[:batch]]))
     rows = []
     for name, fn in conditions():
         first, final, secs = [], [], [0.0, 0.0]
@@ -119,6 +137,7 @@ def run_benchmark(
         "n_images": len(idx),
         "combine": combine,
         "rows": rows,
+        "cam_overhead": overhead,
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -129,6 +148,11 @@ def print_report(r: dict[str, Any]) -> None:
     for x in r["rows"]:
         print(f"{x['framing']:22s} {x['one_look']:9.3f} {x['zoom']:8.3f} "
               f"{x['one_look_vs_original'] or 0:9.2f} {x['zoom_vs_original_zoom'] or 0:10.2f}")  # fmt: skip
+    o = r["cam_overhead"]
+    t1 = sum(x["time_first_s"] for x in r["rows"])
+    t2 = sum(x["time_second_s"] for x in r["rows"])
+    print(f"CAM box cost: forward {o['forward_s'] * 1e3:.1f} ms vs forward + CAM {o['forward_with_cam_s'] * 1e3:.1f} ms "
+          f"per batch (ratio {o['ratio']:.3f}); --zoom total time / one look: {(t1 + t2) / max(t1, 1e-9):.2f}x")  # fmt: skip
     by = {x["framing"]: x for x in r["rows"]}
     for k in ("tight 60 % centre", "wide 50 % pad"):
         print(f"RATIO {k} / original with --zoom: {by[k]['zoom_vs_original_zoom'] or 0:.2f} (goal ≥ 0.9); "
