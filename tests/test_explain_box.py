@@ -296,6 +296,9 @@ def test_predict_json_and_evaluate_zoom(tmp_path: Path, tiny_prepared: Path) -> 
     assert json.loads((run / "metrics.json").read_text()) == {"accuracy": 0.123}  # one-look result kept
     assert m["n_images"] == 8 and m["zoom"]["combine"] == "mean" and m["share_zoomed"] == 1.0
     assert m["accuracy"] == m["accuracy_zoom"] and -1 <= m["gain"] <= 1 and m["time_ratio"] > 1
+    # the one-look figures are evaluate's own (same transform, same weights)
+    assert _cli("evaluate", str(run), "--device", "cpu").returncode == 0
+    assert json.loads((run / "metrics.json").read_text())["accuracy"] == pytest.approx(m["accuracy_one_look"])
     header = (run / "predictions_zoom.csv").read_text().splitlines()[0]
     assert header.endswith("box_x1,box_y1,box_x2,box_y2")
     bad = _cli("evaluate", str(run), "--zoom", "--zoom-combine", "max")

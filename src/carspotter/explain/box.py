@@ -31,8 +31,8 @@ WHOLE: Box = (0.0, 0.0, 1.0, 1.0)
 class BoxSettings:
     """How a map becomes a box. Defaults measured on the synthetic val split (RESULTS.md, benchmarks/localisation.py)."""
 
-    threshold: float = 0.2  # share of the normalised map's range a position needs to count as "car"
-    margin: float = 0.05  # added on each side, as a share of the box's width / height
+    threshold: float = 0.6  # share of the normalised map's range a position needs to count as "car"
+    margin: float = 0.1  # added on each side, as a share of the box's width / height
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
