@@ -208,7 +208,7 @@ def test_looker_combines_the_two_looks(tmp_path: Path) -> None:
     assert torch.allclose(mean.first, one.first, atol=1e-6)
     assert torch.allclose(mean.logits, (mean.first + mean.second) / 2, atol=1e-6)
     # the second look is the model on the crops, nothing else
-    crops = [zoom_crop(im, tuple(b)) for im, b in zip(imgs, mean.boxes, strict=True)]
+    crops = [zoom_crop(im, tuple(b), ZoomSettings().margin) for im, b in zip(imgs, mean.boxes, strict=True)]
     with torch.no_grad():
         direct = model(torch.stack([info.eval_transform()(c) for c in crops]))
     assert torch.allclose(mean.second, direct, atol=1e-5)

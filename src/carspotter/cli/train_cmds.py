@@ -150,6 +150,9 @@ def evaluate(
         help="Second look at the CAM box (metrics_zoom.json, paired with one look).",
     ),
     zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_margin: float | None = typer.Option(
+        None, "--zoom-margin", help="Context around the box for the crop."
+    ),
     box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
     box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
@@ -174,7 +177,7 @@ def evaluate(
         )
         title = f"kNN k={knn} ({metric}) on {split}"
     elif zoom:
-        from carspotter.explain.zoom import ZoomSettings, evaluate_zoom
+        from carspotter.explain.zoom import evaluate_zoom
 
         metrics = evaluate_zoom(
             path,
@@ -182,7 +185,7 @@ def evaluate(
             split,
             device,
             batch_size or 32,
-            ZoomSettings(zoom_combine),
+            _zoom(zoom_combine, zoom_margin),
             _box(box_threshold, box_margin),
         )
         title = f"{path} on {split}, with a second look at the CAM box ({zoom_combine})"
@@ -206,15 +209,18 @@ def predict(
         False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
     ),
     zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_margin: float | None = typer.Option(
+        None, "--zoom-margin", help="Context around the box for the crop."
+    ),
     box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
     box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
     """Print the top-k classes with probabilities for each image, and where the car is (normalised box)."""
     import json
 
-    from carspotter.explain.zoom import ZoomSettings, predict_with_box
+    from carspotter.explain.zoom import predict_with_box
 
-    zs = ZoomSettings(zoom_combine) if zoom else None
+    zs = _zoom(zoom_combine, zoom_margin) if zoom else None
     results = predict_with_box(
         run_dir, [str(p) for p in images], k=k, zoom=zs, box=_box(box_threshold, box_margin), device=device
     )
@@ -227,6 +233,12 @@ def predict(
             f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else "")
         )
         _table("", rows, ("#", "class", "probability"))
+
+
+def _zoom(combine: str, margin: float | None):  # -> ZoomSettings
+    from carspotter.explain.zoom import ZoomSettings
+
+    return ZoomSettings(combine) if margin is None else ZoomSettings(combine, margin=margin)
 
 
 def _box(threshold: float | None, margin: float | None):  # -> BoxSettings

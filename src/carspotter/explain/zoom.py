@@ -47,8 +47,13 @@ class ZoomSettings:
 
     combine: str = "mean"
     gate_area: float = 0.6
+    # context kept around the box for the crop, as a share of the box's size on each side: the network was
+    # trained on whole frames, and on the synthetic set a crop tight to the box lost the cars' ends
+    margin: float = 0.3
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.margin <= 2.0:
+            raise ValueError(f"zoom margin must be in [0, 2], got {self.margin}")
         if self.combine not in COMBINES:
             raise ValueError(f"zoom combine must be one of {COMBINES}, got {self.combine!r}")
         if not 0.0 < self.gate_area <= 1.0:
@@ -82,9 +87,15 @@ def zoom_rect(width: int, height: int, box: Box) -> tuple[int, int, int, int]:
     return x0, y0, min(x1, w), min(y1, h)
 
 
-def zoom_crop(img: Image.Image, box: Box) -> Image.Image:
-    """The original photo cropped for the second look (see `zoom_rect`)."""
-    return img.crop(zoom_rect(img.width, img.height, box))
+def zoom_crop(img: Image.Image, box: Box, margin: float = 0.0) -> Image.Image:
+    """The original photo cropped for the second look (see `zoom_rect`), `margin` of context around the box."""
+    return img.crop(zoom_rect(img.width, img.height, expand(box, margin)))
+
+
+def expand(box: Box, margin: float) -> Box:
+    """`box` grown by `margin` of its width / height on each side, clipped to the photo."""
+    mx, my = margin * (box[2] - box[0]), margin * (box[3] - box[1])
+    return (max(0.0, box[0] - mx), max(0.0, box[1] - my), min(1.0, box[2] + mx), min(1.0, box[3] + my))
 
 
 class Looker:
@@ -144,7 +155,7 @@ class Looker:
         second = first.clone()
         idx = np.flatnonzero(zoomed)
         if idx.size:
-            crops = [zoom_crop(images[i], tuple(boxes[i])) for i in idx]  # type: ignore[arg-type]
+            crops = [zoom_crop(images[i], tuple(boxes[i]), self.zoom.margin) for i in idx]  # type: ignore[arg-type]
             with torch.no_grad(), self._ctx():
                 second[torch.as_tensor(idx)] = self.model(self._batch(crops)).float().cpu()
         if self.zoom.combine == "zoom":

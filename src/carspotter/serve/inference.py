@@ -23,7 +23,7 @@ from PIL import Image
 
 from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.explain.box import BoxSettings
-from carspotter.explain.zoom import Looker, ZoomSettings, rounded, zoom_rect
+from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.models.factory import CarModel
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ class Predictor:
             zoom = None
             if looks.zoomed is not None:
                 w, h = images[b].size
-                x0, y0, x1, y1 = zoom_rect(w, h, tuple(looks.boxes[b]))  # type: ignore[arg-type]
+                crop_box = expand(tuple(looks.boxes[b]), self.looker.zoom.margin)  # type: ignore[arg-type, union-attr]
+                x0, y0, x1, y1 = zoom_rect(w, h, crop_box)
                 zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
             preds = [
                 {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
