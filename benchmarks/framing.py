@@ -92,7 +92,14 @@ def cam_overhead(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict
 
 
 def run_benchmark(
-    run: Path, data: Path | None, split: str, limit: int | None, combine: str, batch: int = 32, seed: int = 0
+    run: Path,
+    data: Path | None,
+    split: str,
+    limit: int | None,
+    combine: str,
+    batch: int = 32,
+    seed: int = 0,
+    margin: float | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, info = load_run(run)
@@ -102,7 +109,8 @@ def run_benchmark(
     if limit and limit < len(ds):
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
     labels = torch.as_tensor([ds.records[i].label for i in idx])
-    looker = Looker(model, info, zoom=ZoomSettings(combine))
+    zs = ZoomSettings(combine) if margin is None else ZoomSettings(combine, margin=margin)
+    looker = Looker(model, info, zoom=zs)
     one_looker = Looker(model, info)
     images = [ds.load_image(int(i)) for i in idx]
     # the CAM box of the first look at the original photo (for "tight … on box")
@@ -136,6 +144,7 @@ def run_benchmark(
         "split": split,
         "n_images": len(idx),
         "combine": combine,
+        "zoom_margin": zs.margin,
         "rows": rows,
         "cam_overhead": overhead,
         "wall_s": time.perf_counter() - t0,
@@ -143,7 +152,8 @@ def run_benchmark(
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print(f"{r['run']} on {r['data']} {r['split']} ({r['n_images']} photos); --zoom combine: {r['combine']}")
+    print(f"{r['run']} on {r['data']} {r['split']} ({r['n_images']} photos); --zoom combine: {r['combine']}, "
+          f"margin {r['zoom_margin']}")  # fmt: skip
     print(f"{'framing':22s} {'one look':>9s} {'--zoom':>8s} {'one/orig':>9s} {'zoom/orig':>10s}")
     for x in r["rows"]:
         print(f"{x['framing']:22s} {x['one_look']:9.3f} {x['zoom']:8.3f} "
@@ -189,6 +199,7 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None, help="A seeded random subset of this many photos.")
     ap.add_argument("--combine", default="mean", help="How --zoom combines the looks: mean | zoom | gate.")
+    ap.add_argument("--margin", type=float, default=None, help="Context around the box for the crop.")
     ap.add_argument("--json", type=Path, help="Also write the result here (refuses to overwrite).")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
@@ -199,7 +210,7 @@ def main() -> None:
     else:
         if a.run is None:
             ap.error("give --run RUN, or --smoke")
-        r = run_benchmark(a.run, a.data, a.split, a.limit, a.combine)
+        r = run_benchmark(a.run, a.data, a.split, a.limit, a.combine, margin=a.margin)
     print_report(r)
     if a.json:
         if a.json.exists():
