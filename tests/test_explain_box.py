@@ -275,7 +275,7 @@ def test_predict_json_and_evaluate_zoom(tmp_path: Path, tiny_prepared: Path) -> 
     run = make_tiny_run(tmp_path / "run")
     (run / "config.yaml").write_text(f"data:\n  root: {tiny_prepared}\n  img_size: 32\n")
     photo = str(tiny_prepared / "images" / "c1_000.jpg")
-    res = _cli("predict", str(run), photo, "--json", "--k", "2", "--zoom")
+    res = _cli("predict", str(run), photo, "--json", "--k", "2", "--zoom", "--zoom-combine", "mean")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert len(out) == 1 and len(out[0]["top"]) == 2 and out[0]["zoomed"] is True

@@ -44,7 +44,7 @@ def serve(
     zoom: bool = typer.Option(
         False, "--zoom/--no-zoom", help="Classify a second time, zoomed on the CAM box; answers combined."
     ),
-    zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch

@@ -149,7 +149,7 @@ def evaluate(
         "--zoom/--no-zoom",
         help="Second look at the CAM box (metrics_zoom.json, paired with one look).",
     ),
-    zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
     zoom_margin: float | None = typer.Option(
         None, "--zoom-margin", help="Context around the box for the crop."
     ),
@@ -208,7 +208,7 @@ def predict(
     zoom: bool = typer.Option(
         False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
     ),
-    zoom_combine: str = typer.Option("mean", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
     zoom_margin: float | None = typer.Option(
         None, "--zoom-margin", help="Context around the box for the crop."
     ),

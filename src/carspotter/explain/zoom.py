@@ -43,13 +43,14 @@ COMBINES = ("mean", "zoom", "gate")
 
 @dataclass(frozen=True)
 class ZoomSettings:
-    """How the two looks are combined. Defaults chosen by measurement on cars-small val (RESULTS.md)."""
+    """How the two looks are combined. Defaults chosen by measurement on cars-small val (RESULTS.md): there
+    `gate` at 0.5 matched `mean`'s accuracy with a second look for only a quarter of the photos."""
 
-    combine: str = "mean"
-    gate_area: float = 0.6
+    combine: str = "gate"
+    gate_area: float = 0.5
     # context kept around the box for the crop, as a share of the box's size on each side: the network was
     # trained on whole frames, and on the synthetic set a crop tight to the box lost the cars' ends
-    margin: float = 0.3
+    margin: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin <= 2.0:
