@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_line
 
 from carspotter.data.dataset import PreparedDataset
-from carspotter.engine.checkpoint import load_run, read_run_config
 from carspotter.explain.box import Box
 from carspotter.explain.zoom import Looker, ZoomSettings
+from carspotter.models.loading import load_run
+from carspotter.rundir import read_run_config
 
 
 def tight(img: Image.Image, share: float, centre: tuple[float, float]) -> Image.Image:
@@ -115,7 +116,7 @@ def run_benchmark(
     images = [ds.load_image(int(i)) for i in idx]
     # the CAM box of the first look at the original photo (for "tight … on box")
     boxes = np.concatenate([one_looker(images[s : s + batch]).boxes for s in range(0, len(images), batch)])
-    overhead = cam_overhead(model, torch.stack([info.eval_transform()(im) for im in images[:batch]]))
+    overhead = cam_overhead(model, torch.stack([model.preprocess.transform()(im) for im in images[:batch]]))
     rows = []
     for name, fn in conditions():
         first, final, secs = [], [], [0.0, 0.0]

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_line
 
 from carspotter.data.dataset import PreparedDataset
-from carspotter.engine.checkpoint import load_run
 from carspotter.explain.box import (
     WHOLE,
     BoxSettings,
@@ -41,6 +40,7 @@ from carspotter.explain.box import (
     to_photo,
     view_window,
 )
+from carspotter.models.loading import load_run
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -49,9 +49,9 @@ CENTRE_SHARES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def maps_and_truth(run: Path, data: Path, split: str, batch: int = 32) -> dict[str, Any]:
     """Normalised CAMs (N, S, S), view windows, true boxes (normalised), labels and top-1 of every boxed photo."""
-    model, info = load_run(run)
-    tf = info.eval_transform()
-    s = int(info.preprocess["img_size"])
+    model, _ = load_run(run)
+    tf = model.preprocess.transform()
+    s = model.preprocess.img_size
     ds = PreparedDataset(data, split)
     idx = [i for i, r in enumerate(ds.records) if r.bbox is not None]
     maps, wins, truth, preds = [], [], [], []
@@ -62,7 +62,9 @@ def maps_and_truth(run: Path, data: Path, split: str, batch: int = 32) -> dict[s
         maps.append(normalise_maps(act.maps, s).numpy())
         preds.append(act.logits.argmax(1).numpy())
         for i, im in zip(chunk, imgs, strict=True):
-            wins.append(view_window(im.width, im.height, s, info.resize_size, info.crop_mode))
+            wins.append(
+                view_window(im.width, im.height, s, model.preprocess.resize_side, model.preprocess.crop_mode)
+            )
             x1, y1, x2, y2 = ds.records[i].bbox  # type: ignore[misc]
             truth.append((x1 / im.width, y1 / im.height, x2 / im.width, y2 / im.height))
     labels = np.asarray([ds.records[i].label for i in idx])

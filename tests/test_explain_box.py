@@ -17,7 +17,7 @@ from PIL import Image
 
 from carspotter.config import ModelConfig
 from carspotter.data.manifest import Record, write_manifest
-from carspotter.engine.checkpoint import ModelInfo, load_run
+from carspotter.data.transforms import Preprocess
 from carspotter.explain.box import (
     WHOLE,
     BoxSettings,
@@ -31,6 +31,7 @@ from carspotter.explain.box import (
 )
 from carspotter.explain.zoom import Looker, ZoomSettings, localisation, predict_with_box, zoom_crop, zoom_rect
 from carspotter.models.factory import create_model
+from carspotter.models.loading import load_run
 from conftest import TINY_OVERRIDES, make_tiny_run
 
 
@@ -115,11 +116,9 @@ def test_view_window_matches_the_real_eval_transform(crop_mode: str, size: tuple
     w, h = size
     xs, ys = np.meshgrid(np.arange(w), np.arange(h))
     arr = np.stack([(xs + 0.5) / w * 255, (ys + 0.5) / h * 255, np.zeros_like(xs)], -1).astype(np.uint8)
-    info = ModelInfo(
-        {}, 2, ["a", "b"], {"img_size": 32, "mean": (0, 0, 0), "std": (1, 1, 1)}, crop_mode=crop_mode
-    )
-    x = info.eval_transform()(Image.fromarray(arr))  # (3, 32, 32) in [0, 1]
-    win = view_window(w, h, 32, None, crop_mode)
+    pre = Preprocess(32, (0, 0, 0), (1, 1, 1), crop_mode=crop_mode)
+    x = pre.transform()(Image.fromarray(arr))  # (3, 32, 32) in [0, 1]
+    win = view_window(w, h, 32, pre.resize_side, crop_mode)
     seen = (
         float(x[0, :, 0].mean()),
         float(x[1, 0, :].mean()),
@@ -210,7 +209,7 @@ def test_looker_combines_the_two_looks(tmp_path: Path) -> None:
     # the second look is the model on the crops, nothing else
     crops = [zoom_crop(im, tuple(b), ZoomSettings().margin) for im, b in zip(imgs, mean.boxes, strict=True)]
     with torch.no_grad():
-        direct = model(torch.stack([info.eval_transform()(c) for c in crops]))
+        direct = model(torch.stack([model.preprocess.transform()(c) for c in crops]))
     assert torch.allclose(mean.second, direct, atol=1e-5)
     zoom = Looker(model, info, zoom=ZoomSettings("zoom"))(imgs)
     assert torch.allclose(zoom.logits, direct, atol=1e-5)
@@ -258,8 +257,7 @@ def test_trained_cam_box_finds_the_object(tmp_path: Path) -> None:
     # broken on purpose: the same network untrained has no idea where the patch is
     untrained = tmp_path / "untrained"
     make_tiny_run(untrained, n_classes=4, crop_mode="squash")
-    cfg_json = json.loads((untrained / "model.json").read_text())
-    assert cfg_json["crop_mode"] == "squash"
+    assert load_run(untrained)[0].preprocess.crop_mode == "squash"
     base = localisation(untrained, data, "test", BoxSettings(0.5, 0.0))
     assert loc["cam"]["mean_iou"] > base["cam"]["mean_iou"] + 0.05, (loc["cam"], base["cam"])
 
@@ -289,17 +287,19 @@ def test_predict_json_and_evaluate_zoom(tmp_path: Path, tiny_prepared: Path) -> 
     assert [t["label"] for t in plain] == [t["label"] for t in boxed]
     assert np.allclose([t["prob"] for t in plain], [t["prob"] for t in boxed], atol=1e-5)
 
-    (run / "metrics.json").write_text('{"accuracy": 0.123}')
+    (run / "metrics_test.json").write_text('{"accuracy": 0.123}')
     res = _cli("evaluate", str(run), "--zoom", "--device", "cpu", "--zoom-combine", "mean")
     assert res.returncode == 0, res.stderr
-    m = json.loads((run / "metrics_zoom.json").read_text())
-    assert json.loads((run / "metrics.json").read_text()) == {"accuracy": 0.123}  # one-look result kept
+    m = json.loads((run / "metrics_zoom_test.json").read_text())
+    assert json.loads((run / "metrics_test.json").read_text()) == {"accuracy": 0.123}  # one-look result kept
     assert m["n_images"] == 8 and m["zoom"]["combine"] == "mean" and m["share_zoomed"] == 1.0
     assert m["accuracy"] == m["accuracy_zoom"] and -1 <= m["gain"] <= 1 and m["time_ratio"] > 1
     # the one-look figures are evaluate's own (same transform, same weights)
     assert _cli("evaluate", str(run), "--device", "cpu").returncode == 0
-    assert json.loads((run / "metrics.json").read_text())["accuracy"] == pytest.approx(m["accuracy_one_look"])
-    header = (run / "predictions_zoom.csv").read_text().splitlines()[0]
+    assert json.loads((run / "metrics_test.json").read_text())["accuracy"] == pytest.approx(
+        m["accuracy_one_look"]
+    )
+    header = (run / "predictions_zoom_test.csv").read_text().splitlines()[0]
     assert header.endswith("box_x1,box_y1,box_x2,box_y2")
     bad = _cli("evaluate", str(run), "--zoom", "--zoom-combine", "max")
     assert bad.returncode != 0 and "combine" in bad.stderr and "Traceback" not in bad.stderr

@@ -123,11 +123,14 @@ def box_from_map(cam: np.ndarray, threshold: float, margin: float) -> Box:
     return (max(0.0, x1 - mx), max(0.0, y1 - my), min(1.0, x2 + mx), min(1.0, y2 + my))
 
 
-def view_window(width: int, height: int, img_size: int, resize_size: int | None, crop_mode: str) -> Box:
-    """The part of a width×height photo the eval transform shows the network, normalised (data/transforms.py)."""
+def view_window(width: int, height: int, img_size: int, resize_side: int | None, crop_mode: str) -> Box:
+    """The part of a width×height photo the eval transform shows the network, normalised.
+
+    `resize_side` is the shorter side before the centre crop (`Preprocess.resize_side`; None: img_size / 0.875).
+    """
     if crop_mode == "squash":
         return WHOLE
-    r = resize_size or round(img_size / 0.875)
+    r = resize_side or round(img_size / 0.875)
     # torchvision: the shorter side → r, the longer → int(r · long / short); then a centred img_size crop
     if width <= height:
         nw, nh = r, int(r * height / width)

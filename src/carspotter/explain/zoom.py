@@ -105,7 +105,7 @@ class Looker:
     def __init__(
         self,
         model: CarModel,
-        info: Any,  # engine.checkpoint.ModelInfo: preprocessing + eval_transform()
+        info: Any,  # rundir.ModelInfo: class names
         box: BoxSettings | None = None,
         zoom: ZoomSettings | None = None,
         device: str | torch.device = "cpu",
@@ -116,8 +116,9 @@ class Looker:
         self.zoom = zoom
         self.device = torch.device(device)
         self.autocast = autocast
-        self.transform: Callable[[Image.Image], torch.Tensor] = info.eval_transform()
-        self.img_size = int(info.preprocess["img_size"])
+        self.preprocess = model.preprocess
+        self.transform: Callable[[Image.Image], torch.Tensor] = model.preprocess.transform()
+        self.img_size = int(model.preprocess.img_size)
 
     def _batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         from carspotter.data.transforms import single_thread
@@ -135,7 +136,8 @@ class Looker:
         out = np.empty((len(images), 4), dtype=np.float64)
         for i, im in enumerate(images):
             b = box_from_map(norm[i], self.box.threshold, self.box.margin)
-            win = view_window(im.width, im.height, self.img_size, self.info.resize_size, self.info.crop_mode)
+            pre = self.preprocess
+            win = view_window(im.width, im.height, self.img_size, pre.resize_side, pre.crop_mode)
             out[i] = to_photo(b, win)
         return out
 
@@ -194,7 +196,8 @@ def predict_with_box(
 ) -> list[dict[str, Any]]:
     """Top-k per photo, with where the car is: [{"path", "top", "box": [x1, y1, x2, y2], "zoomed"}]."""
     from carspotter.data.images import open_rgb
-    from carspotter.engine.checkpoint import RunError, load_run
+    from carspotter.models.loading import load_run
+    from carspotter.rundir import RunError
 
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
@@ -258,16 +261,26 @@ def evaluate_zoom(
     zoom: ZoomSettings | None = None,
     box: BoxSettings | None = None,
     limit: int | None = None,
-) -> dict[str, Any]:
-    """Evaluate a run with the second look; writes metrics_zoom[_split].json + predictions_zoom[_split].csv.
+) -> Any:  # rundir.EvalResult
+    """Evaluate a run with the second look → metrics (+ predictions CSV with the boxes); writes nothing.
 
-    One pass gives both looks of every photo, so the gain is a paired comparison on the same run; the
-    one-look figures here equal `evaluate`'s (same transform, same weights). Earlier result files are kept.
+    `.save()` writes RUN_DIR/metrics_zoom_<split>[@<data>].json and predictions_zoom_<split>[@<data>].csv, so
+    the one-look result files are kept. One pass gives both looks of every photo: the gain is a paired
+    comparison on the same run, and the one-look figures equal `evaluate`'s (same transform, same weights).
     """
     from carspotter.data.dataset import PreparedDataset
-    from carspotter.engine.checkpoint import RunError, load_run, read_run_config
-    from carspotter.engine.evaluate import _predictions_csv, autocast_dtype, classification_metrics
-    from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
+    from carspotter.engine.evaluate import _predictions_csv, autocast_dtype
+    from carspotter.models.loading import load_run
+    from carspotter.retrieval.metrics import classification_metrics
+    from carspotter.rundir import (
+        EvalResult,
+        RunError,
+        data_tag,
+        read_run_config,
+        zoom_metrics_name,
+        zoom_predictions_name,
+    )
+    from carspotter.utils import resolve_device
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -276,6 +289,7 @@ def evaluate_zoom(
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier to zoom with")
     data_dir = Path(data_dir or cfg.data.root)
+    tag = data_tag(data_dir, cfg.data.root)
     ds = PreparedDataset(data_dir, split, crop_bbox=cfg.data.crop_bbox)
     if ds.class_names != info.class_names:
         raise RunError(
@@ -318,13 +332,11 @@ def evaluate_zoom(
         "split": split,
         "device": str(dev),
     }
-    suffix = "" if split == "test" else f"_{split}"
-    atomic_write_text(
-        run_dir / f"predictions_zoom{suffix}.csv",
-        _with_boxes(_predictions_csv(ds.paths[:n], labels, probs), np.concatenate(boxes)),
-    )
-    atomic_write_json(run_dir / f"metrics_zoom{suffix}.json", metrics)
-    return metrics
+    if tag:
+        metrics["data"] = str(data_dir)
+    csv_text = _with_boxes(_predictions_csv(ds.paths[:n], labels, probs), np.concatenate(boxes))
+    files = {zoom_metrics_name(split, tag): None, zoom_predictions_name(split, tag): csv_text}
+    return EvalResult(metrics, run_dir, files)
 
 
 def _alternatives(
@@ -369,8 +381,9 @@ def localisation(
     baselines: the centred box (`centre_share` of each side) and the whole photo. Photos without a box are skipped.
     """
     from carspotter.data.dataset import PreparedDataset
-    from carspotter.engine.checkpoint import RunError, load_run
     from carspotter.explain.box import WHOLE, centre_box, corloc, iou
+    from carspotter.models.loading import load_run
+    from carspotter.rundir import RunError
 
     model, info = load_run(run_dir, device)
     ds = PreparedDataset(data_dir, split)

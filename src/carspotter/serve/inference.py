@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.explain.box import BoxSettings
 from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.models.factory import CarModel
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Predictor:
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
-        self.transform = self.info.eval_transform()
+        self.transform = self.model.preprocess.transform()
         self.looker = Looker(self.model, self.info, box, zoom, device) if self.info.num_classes > 0 else None
         self.index = None
         self.embed_model: CarModel | None = None
