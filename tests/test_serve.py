@@ -542,8 +542,8 @@ def test_batched_forward_equals_one_by_one(serve_data: dict[str, Path]) -> None:
     p = Predictor(serve_data["run"], serve_data["index"])
     try:
         imgs = [open_rgb(serve_data["data"] / "images" / f"c{c}_000.jpg") for c in range(N_CLASSES)]
-        together = p.classify_batch(imgs, [3] * len(imgs))
-        alone = [p.classify_batch([im], [3])[0] for im in imgs]
+        together = [r["predictions"] for r in p.classify_batch(imgs, [3] * len(imgs))]
+        alone = [p.classify_batch([im], [3])[0]["predictions"] for im in imgs]
         for t, a in zip(together, alone, strict=True):
             assert [x["class_id"] for x in t] == [x["class_id"] for x in a]
             assert np.allclose([x["probability"] for x in t], [x["probability"] for x in a], atol=1e-5)
@@ -630,6 +630,70 @@ def test_page_in_headless_chromium(base_url: str, serve_data: dict[str, Path], t
             page.wait_for_selector("body[data-result='error']")
             assert "not an image" in page.locator("#error").inner_text()
             shot = tmp_path / "serve.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 5000 and errors == []
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------- where the car is, and the second look
+def _box_ok(box: list[float]) -> bool:
+    return len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
+def test_classify_returns_the_car_box(client: httpx.Client, serve_data: dict[str, Path]) -> None:
+    body = client.post("/api/classify", files=upload(photo(serve_data))).json()
+    assert _box_ok(body["box"]) and body["zoom"] is None
+    assert client.get("/api/health").json()["zoom"] is None
+
+
+def _car_photo(path: Path) -> Path:
+    """A drawn car on a street (data synth), 160×120: a photo with somewhere for the box to be."""
+    from carspotter.data.synth import class_catalogue, render
+
+    img, _ = render(class_catalogue(2)[1], np.random.default_rng(3), 160)
+    img.crop((0, 20, 160, 140)).save(path, quality=92)
+    return path
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not installed at {CHROMIUM}")
+def test_page_draws_the_box_and_the_zoomed_crop(serve_data: dict[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from carspotter.explain.zoom import ZoomSettings
+
+    car = _car_photo(tmp_path / "car.jpg")
+    app = create_app(serve_data["run"], None, zoom=ZoomSettings("mean"))
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with running(app) as url, sync_playwright() as pw:
+        api = httpx.post(url + "/api/classify", files=upload(car.read_bytes()), timeout=60).json()
+        assert _box_ok(api["box"]) and _box_ok(api["zoom"]["crop"]) and api["zoom"]["used"] is True
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready='1']")
+            page.set_input_files("#file", str(car))
+            page.wait_for_selector("body[data-result='ok']", timeout=30000)
+            shown = page.locator("#carbox")
+            assert shown.is_visible()
+            got = [float(v) for v in shown.get_attribute("data-box").split(",")]
+            assert np.allclose(got, api["box"], atol=1e-6)  # the same photo gives the same box
+            pb, bb = page.locator("#preview").bounding_box(), shown.bounding_box()
+            assert pb and bb
+            # drawn where the API says, in the displayed photo's pixels (borders: a couple of px)
+            assert abs(bb["x"] - (pb["x"] + got[0] * pb["width"])) < 3
+            assert abs(bb["width"] - (got[2] - got[0]) * pb["width"]) < 5
+            assert abs(bb["y"] - (pb["y"] + got[1] * pb["height"])) < 3
+            page.wait_for_selector("#zoomfig[data-drawn='1']")
+            cw, ch = page.locator("#zoomcrop").evaluate("c => [c.width, c.height]")
+            crop = api["zoom"]["crop"]
+            assert cw > 0 and abs(cw / ch - (crop[2] - crop[0]) * 160 / ((crop[3] - crop[1]) * 120)) < 0.1
+            assert "second look" in page.locator("#status").inner_text()
+            shot = tmp_path / "box.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 5000 and errors == []
         finally:

@@ -94,6 +94,15 @@ def predictions_name(split: str, data: str = "") -> str:
     return f"predictions_{_tag(split.replace('+', '-'))}{data}.csv"
 
 
+def zoom_metrics_name(split: str, data: str = "") -> str:
+    """`evaluate RUN --zoom` → metrics_zoom_test.json: the one-look metrics_test.json is kept beside it."""
+    return "metrics_zoom_" + metrics_name(split, data)[len("metrics_") :]
+
+
+def zoom_predictions_name(split: str, data: str = "") -> str:
+    return "predictions_zoom_" + predictions_name(split, data)[len("predictions_") :]
+
+
 def knn_metrics_name(
     split: str,
     k: int,

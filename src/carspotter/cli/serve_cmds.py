@@ -41,11 +41,16 @@ def serve(
         help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    zoom: bool = typer.Option(
+        False, "--zoom/--no-zoom", help="Classify a second time, zoomed on the CAM box; answers combined."
+    ),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
     import uvicorn
 
+    from carspotter.explain.zoom import ZoomSettings
     from carspotter.serve.app import create_app
     from carspotter.utils import resolve_device
 
@@ -60,7 +65,12 @@ def serve(
         # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
         torch.set_num_threads(threads)
     app = create_app(
-        run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
+        run_dir,
+        index,
+        max_upload_mb=max_upload_mb,
+        device=resolve_device(device),
+        max_batch=max_batch,
+        zoom=ZoomSettings(zoom_combine) if zoom else None,
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

@@ -151,6 +151,17 @@ def evaluate(
     ),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
+    zoom: bool = typer.Option(
+        False,
+        "--zoom/--no-zoom",
+        help="Second look at the CAM box (metrics_zoom.json, paired with one look).",
+    ),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_margin: float | None = typer.Option(
+        None, "--zoom-margin", help="Context around the box for the crop."
+    ),
+    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
+    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
     """Evaluate a run on a split (metrics_SPLIT.json, predictions_SPLIT.csv), kNN on its embeddings, or an index."""
     from carspotter.rundir import is_index_dir, read_run_config
@@ -189,6 +200,19 @@ def evaluate(
             weighting=weighting or r.weighting,
         )
         title = f"kNN k={k} ({metric}) on {split}"
+    elif zoom:
+        from carspotter.explain.zoom import evaluate_zoom
+
+        result = evaluate_zoom(
+            path,
+            data,
+            split,
+            device,
+            batch_size or 32,
+            _zoom(zoom_combine, zoom_margin),
+            _box(box_threshold, box_margin),
+        )
+        title = f"{path} on {split}, with a second look at the CAM box ({zoom_combine})"
     else:
         from carspotter.engine.evaluate import evaluate_run
 
@@ -211,13 +235,35 @@ def predict(
     ),
     index: Path | None = typer.Option(None, "--index", help="Gallery index for --explain evidence photos."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier --explain folder."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print JSON (top-k and the car's box) instead of tables."
+    ),
+    zoom: bool = typer.Option(
+        False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
+    ),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_margin: float | None = typer.Option(
+        None, "--zoom-margin", help="Context around the box for the crop."
+    ),
+    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
+    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
 ) -> None:
-    """Print the top-k classes with probabilities for each image."""
-    from carspotter.engine.evaluate import predict_images
+    """Print the top-k classes with probabilities for each image, and where the car is (normalised box)."""
+    import json
 
-    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device):
+    from carspotter.explain.zoom import predict_with_box
+
+    zs = _zoom(zoom_combine, zoom_margin) if zoom else None
+    results = predict_with_box(
+        run_dir, [str(p) for p in images], k=k, zoom=zs, box=_box(box_threshold, box_margin), device=device
+    )
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+    for res in [] if json_out else results:
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
-        typer.echo(res["path"])
+        typer.echo(
+            f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else "")
+        )
         _table("", rows, ("#", "class", "probability"))
     if explain is not None:
         from carspotter.cli.explain_cmds import load_explainer, write_batch
@@ -225,6 +271,21 @@ def predict(
 
         px = load_explainer(run_dir, index, DEFAULT_METHOD, device)
         typer.echo(f"explanations → {write_batch(px, images, explain, 3, overwrite, typer.echo)}")
+
+
+def _zoom(combine: str, margin: float | None):  # -> ZoomSettings
+    from carspotter.explain.zoom import ZoomSettings
+
+    return ZoomSettings(combine) if margin is None else ZoomSettings(combine, margin=margin)
+
+
+def _box(threshold: float | None, margin: float | None):  # -> BoxSettings
+    from dataclasses import replace
+
+    from carspotter.explain.box import BoxSettings
+
+    given = {"threshold": threshold, "margin": margin}
+    return replace(BoxSettings(), **{k: v for k, v in given.items() if v is not None})
 
 
 def presets() -> None:

@@ -2,6 +2,7 @@
 
 The returned `CarModel` has a uniform interface (timm-style):
     forward_features(x) -> (B, F) pooled backbone features
+    feature_map(x)      -> (B, C, h, w) unpooled; pool_map(feature_map(x)) == forward_features(x)
     embed(x)            -> (B, D) the retrieval embedding (embedding head if present, else pooled features)
     forward_head(f)     -> (B, num_classes) logits from pooled features
     forward(x)          -> logits
@@ -52,6 +53,14 @@ class CarModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, 3, H, W) -> (B, F)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) backbone features before pooling: where the evidence lies (CAM boxes, explain/box.py)."""
+        return self.backbone.forward_features(x)
+
+    def pool_map(self, fm: torch.Tensor) -> torch.Tensor:
+        """The rest of the backbone: pool_map(feature_map(x)) == forward_features(x), so a box costs no forward."""
+        return self.backbone.forward_head(fm, pre_logits=True)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         f = self.forward_features(x)

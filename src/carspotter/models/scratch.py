@@ -30,9 +30,16 @@ class ScratchBackbone(nn.Module):
             self.fc = nn.Flatten()
             self.num_features = flat
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled feature map (B, C, H / 2^n, W / 2^n), as timm's `forward_features` (for CAM boxes)."""
+        return self.blocks(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Feature map → (B, F), as timm's `forward_head(x, pre_logits=True)` of a headless model."""
+        return self.fc(self.pool(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)  # (B, C, H / 2^n, W / 2^n)
-        return self.fc(self.pool(x))  # (B, F)
+        return self.forward_head(self.forward_features(x))  # (B, F)
 
 
 def he_init(m: nn.Module) -> None:

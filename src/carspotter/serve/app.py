@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from carspotter.serve.explain import ExplainService
+from carspotter.explain.zoom import ZoomSettings
 from carspotter.serve.inference import Busy, Predictor
 from carspotter.serve.uploads import BodyLimitMiddleware, UploadLimits, load_upload, too_large_detail
 
@@ -125,6 +126,7 @@ def health(request: Request) -> dict[str, Any]:
         "max_upload_mb": svc.limits.max_mb,
         "max_batch": p.batcher.max_batch,
         "explain": True,
+        "zoom": p.looker.zoom.combine if p.looker is not None and p.looker.zoom is not None else None,
         "batches_run": p.batcher.batches,
         "images_inferred": p.batcher.jobs,
         "uptime_s": round(time.time() - svc.started, 1),
@@ -143,13 +145,13 @@ def classes(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/api/classify", summary="Top-k classes for a photo")
+@router.post("/api/classify", summary="Top-k classes for a photo, and where the car is (normalised box)")
 async def classify(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
     k = min(k or k_form or 5, len(_service(request).predictor.class_names))
     image = await _read_image(request, file)
     t0 = time.perf_counter()
-    preds = await _infer(request, "classify", image, k)
-    return {"predictions": preds, "k": k, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+    res = await _infer(request, "classify", image, k)
+    return {**res, "k": k, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
 
 @router.post("/api/search", summary="The k most similar gallery photos")
@@ -240,12 +242,13 @@ def create_app(
     device: str = "cpu",
     max_batch: int = 8,
     max_pixels: int = 40_000_000,
+    zoom: ZoomSettings | None = None,
 ) -> FastAPI:
     """Load the run's model (and the gallery index) now, and return the ASGI app serving them."""
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
-    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch)
+    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, zoom=zoom)
     Image.init()  # load Pillow's format plugins now, not during the first (non-image) upload: ~1 s here
 
     @asynccontextmanager

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from carspotter.explain.box import BoxSettings
+from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.models.factory import CarModel
 from carspotter.models.loading import load_run
 from carspotter.rundir import RunError
@@ -121,12 +123,15 @@ class Predictor:
         index_dir: str | Path | None = None,
         device: str = "cpu",
         max_batch: int = 8,
+        zoom: ZoomSettings | None = None,
+        box: BoxSettings | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
         self.transform = self.model.preprocess.transform()
+        self.looker = Looker(self.model, self.info, box, zoom, device) if self.info.num_classes > 0 else None
         self.index = None
         self.embed_model: CarModel | None = None
         if index_dir is not None:
@@ -160,18 +165,27 @@ class Predictor:
         return embed_queries(self.index, model, images, self.device)
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
-    @torch.inference_mode()
-    def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
-        probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
+    def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[dict[str, Any]]:
+        """Per photo: {"predictions": top-k, "box": where the car is (normalised x1, y1, x2, y2), "zoom"}."""
+        if self.looker is None:
+            raise RunError(f"{self.run_dir}: a metric-learning run has no classifier; use /api/search")
+        looks = self.looker(images)  # one forward gives the logits and the CAM box; a second one with zoom
+        probs = torch.softmax(looks.logits.float(), dim=1)  # (B, C)
         top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
-        return [
-            [
+        out = []
+        for b, k in enumerate(ks):
+            zoom = None
+            if looks.zoomed is not None:
+                w, h = images[b].size
+                crop_box = expand(tuple(looks.boxes[b]), self.looker.zoom.margin)  # type: ignore[arg-type, union-attr]
+                x0, y0, x1, y1 = zoom_rect(w, h, crop_box)
+                zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
+            preds = [
                 {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
                 for p, i in zip(top_p[b, :k].tolist(), top_i[b, :k].tolist(), strict=True)
             ]
-            for b, k in enumerate(ks)
-        ]
+            out.append({"predictions": preds, "box": rounded(looks.boxes[b]), "zoom": zoom})
+        return out
 
     def search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
         assert self.index is not None and self.embed_model is not None
