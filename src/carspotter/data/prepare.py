@@ -454,7 +454,11 @@ def format_summary(summary: dict[str, Any], max_skipped: int = 20) -> str:
         fb = len(tax.get("fallback", []))
         lines.append(
             f"taxonomy: {tax.get('n_makes')} makes, {tax.get('n_models')} models"
-            + (f", {fb} name(s) with an unknown make (make = first word)" if fb else ", every make recognised")
+            + (
+                f", {fb} name(s) with an unknown make (make = first word)"
+                if fb
+                else ", every make recognised"
+            )
         )
     for n in summary.get("notes", []):
         lines.append(f"note: {n}")

@@ -34,13 +34,83 @@ MULTI_WORD_MAKES = (
     "Rolls-Royce",
     "Range Rover",
 )
-SINGLE_WORD_MAKES = (
-    "Acura Audi BMW Bentley Bugatti Buick BYD Cadillac Chevrolet Chrysler Citroen Cupra Dacia Daewoo Daihatsu "
-    "Datsun Dodge Eagle FIAT Ferrari Fisker Ford GMC Genesis Geo Holden Honda HUMMER Hyundai Infiniti Isuzu "
-    "Jaguar Jeep Kia Lada Lamborghini Lancia Lexus Lincoln Lotus MG MINI Maserati Maybach Mazda McLaren "
-    "Mercedes Mercury Mitsubishi Nissan Oldsmobile Opel Peugeot Plymouth Polestar Pontiac Porsche Ram Renault "
-    "Rivian Saab Saturn Scion SEAT Skoda Smart Spyker Subaru Suzuki Tesla Toyota Vauxhall Volkswagen VW Volvo"
-).split()
+SINGLE_WORD_MAKES = [
+    "Acura",
+    "Audi",
+    "BMW",
+    "Bentley",
+    "Bugatti",
+    "Buick",
+    "BYD",
+    "Cadillac",
+    "Chevrolet",
+    "Chrysler",
+    "Citroen",
+    "Cupra",
+    "Dacia",
+    "Daewoo",
+    "Daihatsu",
+    "Datsun",
+    "Dodge",
+    "Eagle",
+    "FIAT",
+    "Ferrari",
+    "Fisker",
+    "Ford",
+    "GMC",
+    "Genesis",
+    "Geo",
+    "Holden",
+    "Honda",
+    "HUMMER",
+    "Hyundai",
+    "Infiniti",
+    "Isuzu",
+    "Jaguar",
+    "Jeep",
+    "Kia",
+    "Lada",
+    "Lamborghini",
+    "Lancia",
+    "Lexus",
+    "Lincoln",
+    "Lotus",
+    "MG",
+    "MINI",
+    "Maserati",
+    "Maybach",
+    "Mazda",
+    "McLaren",
+    "Mercedes",
+    "Mercury",
+    "Mitsubishi",
+    "Nissan",
+    "Oldsmobile",
+    "Opel",
+    "Peugeot",
+    "Plymouth",
+    "Polestar",
+    "Pontiac",
+    "Porsche",
+    "Ram",
+    "Renault",
+    "Rivian",
+    "Saab",
+    "Saturn",
+    "Scion",
+    "SEAT",
+    "Skoda",
+    "Smart",
+    "Spyker",
+    "Subaru",
+    "Suzuki",
+    "Tesla",
+    "Toyota",
+    "Vauxhall",
+    "Volkswagen",
+    "VW",
+    "Volvo",
+]
 # Body types as they appear at the end of a name (before the year); longest first when matching.
 BODY_TYPES = (
     "Crew Cab",
@@ -126,7 +196,7 @@ def parse_name(name: str) -> CarName:
                     body, best = b, (i + len(bw), len(bw), i)
                 break
     if body:
-        end, k, i = best
+        end, _, i = best
         rest = rest[:i] + rest[end:]
     return CarName(name, make, " ".join(rest), body, year, fallback)
 
@@ -138,7 +208,11 @@ def official_classes() -> dict[str, CarName]:
     out: dict[str, CarName] = {}
     for row in csv.DictReader(text.splitlines()):
         out[row["class_name"]] = CarName(
-            row["class_name"], row["make"], row["model"], row["body"], int(row["year"]) if row["year"] else None
+            row["class_name"],
+            row["make"],
+            row["model"],
+            row["body"],
+            int(row["year"]) if row["year"] else None,
         )
     return out
 

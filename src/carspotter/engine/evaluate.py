@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,12 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
-from carspotter.engine.checkpoint import RunError, load_run, read_run_config
-from carspotter.models.fuse import CPU_CHUNK, forward_chunked
-from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
+from carspotter.engine.calibration import load_calibration
+from carspotter.engine.checkpoint import RunError, load_run, read_model_info, read_run_config
+from carspotter.utils import atomic_write_json, atomic_write_text
 
-PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs"]
+# label -1: a class the run does not know; confidence = calibrated; unknown = below the open-set threshold
+PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs", "unknown"]
 
 
 def classification_metrics(
@@ -62,7 +62,9 @@ def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
+def _predictions_csv(
+    paths: list[str], labels: np.ndarray, probs: np.ndarray, unknown: np.ndarray | None = None
+) -> str:
     k = min(5, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
     buf = io.StringIO()
@@ -78,6 +80,7 @@ def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) ->
                 f"{probs[i, t[0]]:.6f}",
                 ";".join(str(int(c)) for c in t),
                 ";".join(f"{probs[i, c]:.6f}" for c in t),
+                int(bool(unknown[i])) if unknown is not None else 0,
             ]
         )
     return buf.getvalue()
@@ -90,64 +93,50 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test)."""
-    from carspotter.data.dataset import PreparedDataset
+    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test).
+
+    Classes are matched to the run's by canonical name; photos of classes the run does not know are scored
+    as open-set "unknowns" (open_set_auroc, n_unknown) rather than counted as errors.
+    """
+    from carspotter.engine.predict_logits import split_logits
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    dev = torch.device(resolve_device(device))
-    model, info = load_run(run_dir, str(dev))
-    data_dir = Path(data_dir or cfg.data.root)
-    tf = info.eval_transform()
-    ds = PreparedDataset(data_dir, split, transform=tf, crop_bbox=cfg.data.crop_bbox)
-    if ds.class_names != info.class_names:
-        raise RunError(
-            f"{data_dir}: its {len(ds.class_names)} classes differ from the {len(info.class_names)} "
-            f"the run {run_dir} was trained on"
-        )
-    if len(ds) == 0:
-        raise RunError(f"{data_dir}: split {split!r} has no images")
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size or cfg.data.batch_size, num_workers=cfg.data.num_workers
-    )
-    if dev.type == "cpu" or cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    outputs, seconds = [], 0.0
-    metric_task = cfg.task == "metric"
-    amp = autocast_dtype(cfg.train.amp, dev)  # as in training
-    with (
-        torch.inference_mode(),
-        torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-    ):
-        for x, _ in loader:
-            x = x.to(dev, memory_format=torch.channels_last)
-            t0 = time.perf_counter()
-            fn = model.embed if metric_task else model
-            out = forward_chunked(fn, x, CPU_CHUNK if dev.type == "cpu" else None)  # (B, D) or (B, C)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            outputs.append(out.float().cpu())
-    out = torch.cat(outputs)
-    labels = np.asarray(ds.labels)
+    res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)
+    out, labels = res.outputs, res.labels
+    n = len(labels)
     speed = {
-        "predict_time_s": seconds,
-        "images_per_s": len(ds) / seconds if seconds > 0 else None,
-        "n_images": len(ds),
+        "predict_time_s": res.seconds,
+        "images_per_s": n / res.seconds if res.seconds > 0 else None,
+        "n_images": n,
         "split": split,
     }
     suffix = "" if split == "test" else f"_{split}"
-    if metric_task:
+    if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
 
         metrics = {**retrieval_metrics(out.numpy(), labels, metric=cfg.retrieval.metric), **speed}
     else:
-        loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(labels)).item()
-        probs = out.softmax(dim=1).numpy()
-        metrics = {**classification_metrics(labels, probs.argmax(1), probs, loss), **speed}
-        atomic_write_text(run_dir / f"predictions{suffix}.csv", _predictions_csv(ds.paths, labels, probs))
-    metrics["device"] = str(dev)
-    metrics["autocast"] = str(amp).replace("torch.", "") if amp else "off"
+        from carspotter.engine.trust import trust_metrics
+
+        cal = load_calibration(run_dir)
+        known = labels >= 0
+        if not known.any():
+            raise RunError(f"{res.data_dir}: split {split!r} holds no photo of a class the run knows")
+        lk, yk = out[known], labels[known]
+        loss = torch.nn.functional.cross_entropy(lk, torch.as_tensor(yk)).item()
+        probs = cal.probs(lk).numpy()
+        metrics = {**classification_metrics(yk, probs.argmax(1), probs, loss), **speed}
+        metrics |= trust_metrics(out, labels, read_model_info(run_dir).class_names, cal)
+        if res.unknown_classes:
+            metrics["unknown_classes"] = res.unknown_classes
+        all_probs = cal.probs(out).numpy()
+        flags = cal.unknown(out).numpy()
+        atomic_write_text(
+            run_dir / f"predictions{suffix}.csv", _predictions_csv(res.paths, labels, all_probs, flags)
+        )
+    metrics["device"] = res.device
+    metrics["autocast"] = res.autocast
     atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
     return metrics
 
@@ -155,16 +144,17 @@ def evaluate_run(
 def predict_images(
     run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu"
 ) -> list[dict[str, Any]]:
-    """Top-k classes per image: [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
+    """Top-k classes per image (calibrated): [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
     from carspotter.data.images import open_rgb
 
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
     tf = info.eval_transform()
+    cal = load_calibration(run_dir)
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     with torch.inference_mode():
-        probs = model(x).float().softmax(dim=1).cpu()  # (N, C)
+        probs = cal.probs(model(x).float().cpu())  # (N, C)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         {
