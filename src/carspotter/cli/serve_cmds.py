@@ -41,12 +41,18 @@ def serve(
         help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="A Host name clients may use besides localhost and the bind address (repeatable; '*' = any).",
+    ),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
     import uvicorn
 
     from carspotter.serve.app import create_app
+    from carspotter.serve.hosts import allowed_hosts_for
     from carspotter.utils import resolve_device
 
     if not run_dir.is_dir():
@@ -55,12 +61,20 @@ def serve(
         raise FileNotFoundError(f"--index {index}: no such index directory")
     if not _is_loopback(host):
         typer.echo(f"warning: binding {host} makes the service reachable from other machines", err=True)
+        if not allow_host:
+            typer.echo("note: only Host names localhost/127.0.0.1/the bind address are accepted; add "
+                       "--allow-host NAME for the name clients use", err=True)  # fmt: skip
     if threads:
         # One intra-op thread by default: the HTTP and decode threads share the cores, and OpenMP threads
         # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
         torch.set_num_threads(threads)
     app = create_app(
-        run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
+        run_dir,
+        index,
+        max_upload_mb=max_upload_mb,
+        device=resolve_device(device),
+        max_batch=max_batch,
+        allowed_hosts=allowed_hosts_for(host, allow_host),
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

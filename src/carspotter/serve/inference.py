@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from carspotter.engine.answer import Hierarchy, build_answers
+from carspotter.engine.calibration import load_calibration
 from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.models.factory import CarModel
 
@@ -125,6 +127,8 @@ class Predictor:
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
+        self.calibration = load_calibration(self.run_dir)  # temperature + open-set threshold (T=1 if none)
+        self.hierarchy = Hierarchy.from_names(self.class_names)
         self.transform = self.info.eval_transform()
         self.index = None
         self.embed_model: CarModel | None = None
@@ -160,17 +164,14 @@ class Predictor:
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
-    def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
+    def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[dict[str, Any]]:
+        """The answer of `engine.answer.build_answers` per photo, its top list cut to that request's k."""
         x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
-        probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
-        top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
-        return [
-            [
-                {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
-                for p, i in zip(top_p[b, :k].tolist(), top_i[b, :k].tolist(), strict=True)
-            ]
-            for b, k in enumerate(ks)
-        ]
+        logits = self.model(x).float().cpu()  # (B, C)
+        answers = build_answers(logits, self.class_names, self.calibration, max(ks), self.hierarchy)
+        for a, k in zip(answers, ks, strict=True):
+            a["predictions"] = a["predictions"][:k]
+        return answers
 
     def search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
         assert self.index is not None and self.embed_model is not None
