@@ -215,3 +215,18 @@ def test_batch_predict_folder_with_broken_files(tiny_run: dict[str, Path], tmp_p
     assert {"make", "model", "body", "year", "class_name", "probability", "unknown", "predictions"} <= a.keys()
     human = CliRunner().invoke(app, ["predict", str(run), str(imgs[0])], terminal_width=200)
     assert human.exit_code == 0 and "→" in human.output and "%" in human.output
+
+
+def test_report_make_table_and_confusions_against_a_plain_count() -> None:
+    from carspotter.report.trust import make_confusions, make_table, reliability_png
+
+    y = np.array([0, 0, 1, 2, 3, 4, 4, 5])
+    p = np.array([1, 4, 1, 3, 2, 4, 0, 5])  # TTS→TT RS (same make), TTS→BMW, S4s swap years, M3→TTS
+    t = make_table(NAMES, y, p, "x")
+    rows = {r[0]: r for r in t.rows}
+    assert rows["Audi"][1:] == ["4", "5", "20.0 %", "80.0 %"]  # 1 of 5 exact; 4 of 5 keep the make
+    assert rows["BMW"][1:] == ["1", "2", "50.0 %", "50.0 %"]
+    pairs = make_confusions(NAMES, y, p).rows
+    assert sorted(tuple(r[:3]) for r in pairs) == [("Audi", "BMW", "1"), ("BMW", "Audi", "1")]
+    png = reliability_png(np.array([0.9, 0.6, 0.3]), np.array([True, False, True]), "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

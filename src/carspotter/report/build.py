@@ -94,6 +94,13 @@ def _confusion_section(runs: list[RunRecord], top_n: int) -> Section:
     return sec
 
 
+def _trust_section(runs: list[RunRecord]) -> Section:
+    from carspotter.report.trust import trust_section
+
+    best = best_classification_run(runs)
+    return trust_section(best, _slug(best.name) if best else "run")
+
+
 def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
     from carspotter.report.grid import retrieval_examples
 
@@ -156,6 +163,7 @@ def build_sections(
         hp,
         _curves_section(runs),
         _confusion_section(runs, top_n),
+        _trust_section(runs),
         _grid_section([i.path for i in indexes], grid_queries, grid_k),
     ]
 
