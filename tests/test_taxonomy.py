@@ -85,3 +85,14 @@ def test_canonical_names_undo_repack_renames() -> None:
     assert canonical_name("Not A Car 2012") == "Not A Car 2012"
     d = describe("Ram C-V Cargo Van Minivan 2012")
     assert (d.make, d.model, d.body, d.year) == ("Ram", "C/V Cargo Van", "Minivan", 2012)
+
+
+def test_prepare_summary_says_when_makes_fall_back(tmp_path) -> None:  # noqa: ANN001
+    from carspotter.data.prepare import format_summary, prepare
+    from conftest import make_tiny_prepared
+
+    src = make_tiny_prepared(tmp_path / "src", n_classes=2, per_class=4)
+    s = prepare(src / "manifest.csv", tmp_path / "out", workers=1, val_fraction=0)
+    assert s["taxonomy"]["fallback"] == ["Class 0", "Class 1"]
+    assert any("make we do not know" in n and "'Class 0'" in n for n in s["notes"])
+    assert "2 name(s) with an unknown make (make = first word)" in format_summary(s)
