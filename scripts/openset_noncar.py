@@ -1,9 +1,10 @@
-"""How often does a run answer "unknown" for photos that are not cars at all?
+"""How often does a run answer "unknown" for images that are not cars at all?
 
 Generates non-car images (uniform and Gaussian noise, flat colours, smooth colour gradients, and the
-toolkit's synthetic cartoon cars — shapes, not photos) and runs them through `predict` with the run's
-calibration; prints the rejection rate per kind and overall, and optionally the same for real photos
-(the known-class acceptance rate, for contrast). Every figure it prints goes in RESULTS.md with its command.
+toolkit's synthetic cartoon cars — drawn shapes, not photos), computes the run's open-set scores (msp and
+energy, with the temperature and thresholds of its calibration.json) and prints the rejection rate per kind
+and overall for each score; `--photos DIR` adds real photos for contrast. Every figure it prints goes in
+RESULTS.md with its command.
 
     python scripts/openset_noncar.py RUN [--n 100] [--photos DIR] [--json out.json]
 """
@@ -54,40 +55,49 @@ def main() -> int:
     ap.add_argument("--max-photos", type=int, default=300)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from carspotter.engine.batch_predict import expand_paths, predict_files
-    from carspotter.engine.calibration import load_calibration
+    import torch
+
+    from carspotter.data.images import open_rgb
+    from carspotter.engine.batch_predict import expand_paths
+    from carspotter.engine.calibration import SCORES, load_calibration
+    from carspotter.engine.checkpoint import load_run
 
     cal = load_calibration(args.run)
     if cal.threshold is None:
         print(f"{args.run}: no calibration.json with an open-set threshold; run `carspotter calibrate` first")
         return 2
+    model, info = load_run(args.run)
+    tf = info.eval_transform()
     result: dict[str, object] = {
         "run": str(args.run),
-        "score": cal.open_set_score,
-        "threshold": cal.threshold,
+        "chosen_score": cal.open_set_score,
+        "thresholds": cal.thresholds,
     }
     with tempfile.TemporaryDirectory() as tmp:
         kinds = make_noncars(Path(tmp), args.n)
         if args.photos:
             kinds["real_photos(known)"] = expand_paths([args.photos])[: args.max_photos]
-        total_rej = total = 0
+        totals = {k: [0, 0] for k in SCORES}
         for kind, files in kinds.items():
-            rows = predict_files(args.run, files)
-            rej = sum(1 for r in rows if r.get("unknown"))
-            scores = [r["open_set"]["score"] for r in rows if not r.get("error")]
-            result[kind] = {
-                "n": len(rows),
-                "rejected": rej,
-                "rate": rej / len(rows),
-                "median_score": float(np.median(scores)),
-            }
-            print(f"{kind:<20} n={len(rows):>4}  answered 'unknown': {rej:>4} ({100 * rej / len(rows):.1f} %)  "
-                  f"median score {np.median(scores):.4f}")  # fmt: skip
-            if not kind.startswith("real"):
-                total_rej, total = total_rej + rej, total + len(rows)
-        result["non_car_rejection_rate"] = total_rej / total
-        print(f"non-car images: {total_rej}/{total} rejected ({100 * total_rej / total:.1f} %), "
-              f"{cal.open_set_score} threshold {cal.threshold:.4f}")  # fmt: skip
+            with torch.inference_mode():
+                logits = torch.cat([model(torch.stack([tf(open_rgb(f)) for f in files[i : i + 32]])).float()
+                                    for i in range(0, len(files), 32)])  # fmt: skip
+            row: dict[str, object] = {"n": len(files)}
+            for score in SCORES:
+                s = cal.scores(logits, score).numpy()
+                rej = int((s < cal.thresholds[score]).sum())
+                row[score] = {"rejected": rej, "rate": rej / len(files), "median_score": float(np.median(s))}
+                if not kind.startswith("real"):
+                    totals[score][0] += rej
+                    totals[score][1] += len(files)
+            result[kind] = row
+            print(f"{kind:<20} n={len(files):>4}  " + "  ".join(
+                f"{k}: {row[k]['rejected']:>4} rejected ({100 * row[k]['rate']:.1f} %)" for k in SCORES))  # type: ignore[index]  # fmt: skip
+        for score, (rej, n) in totals.items():
+            result[f"non_car_rejection_rate_{score}"] = rej / n
+            mark = " (the run's chosen score)" if score == cal.open_set_score else ""
+            print(f"non-car images, {score}: {rej}/{n} rejected ({100 * rej / n:.1f} %), "
+                  f"threshold {cal.thresholds[score]:.4f}{mark}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -25,7 +25,7 @@ from test_serve import CHROMIUM, running, serve_run, upload  # noqa: F401  (serv
 
 
 @pytest.fixture(scope="module")
-def trust_runs(serve_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trust_runs(serve_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
     """Two copies of the serve run: one calibrated on its val photos, one whose threshold rejects everything."""
     root = tmp_path_factory.mktemp("serve-trust")
     calibrated, strict = root / "calibrated", root / "strict"
@@ -102,7 +102,7 @@ def test_docs_render_offline(trust_runs: dict[str, Path]) -> None:
             _docs_in_chromium(url)
 
 
-def _launch(pw):  # noqa: ANN001, ANN202
+def _launch(pw):
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"]  # fmt: skip
     return pw.chromium.launch(executable_path=CHROMIUM, args=args)
@@ -117,7 +117,7 @@ def _docs_in_chromium(url: str) -> None:
             page = browser.new_page()
             outside: list[str] = []
 
-            def only_local(route) -> None:  # noqa: ANN001  — the internet is unplugged for this page
+            def only_local(route) -> None:
                 if route.request.url.startswith(url):
                     route.continue_()
                 else:

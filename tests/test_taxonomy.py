@@ -87,7 +87,7 @@ def test_canonical_names_undo_repack_renames() -> None:
     assert (d.make, d.model, d.body, d.year) == ("Ram", "C/V Cargo Van", "Minivan", 2012)
 
 
-def test_prepare_summary_says_when_makes_fall_back(tmp_path) -> None:  # noqa: ANN001
+def test_prepare_summary_says_when_makes_fall_back(tmp_path) -> None:
     from carspotter.data.prepare import format_summary, prepare
     from conftest import make_tiny_prepared
 

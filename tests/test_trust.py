@@ -50,7 +50,7 @@ def test_ece_matches_netcal() -> None:
         assert ece(p, y) == pytest.approx(ECE(15).measure(p, y), abs=1e-9)
         assert ece(p, y, 10) == pytest.approx(ECE(10).measure(p, y), abs=1e-9)
     conf, acc, count = reliability(p, y)
-    assert count.sum() == len(y) and np.nanmax(conf) <= 1
+    assert count.sum() == len(y) and np.nanmax(conf) <= 1 and np.nanmax(acc) <= 1
 
 
 def test_temperature_matches_netcal_and_lowers_nll_and_ece() -> None:
@@ -212,7 +212,16 @@ def test_batch_predict_folder_with_broken_files(tiny_run: dict[str, Path], tmp_p
     js = CliRunner().invoke(app, ["predict", str(run), str(imgs[0]), "--json"])
     assert js.exit_code == 0, js.output
     [a] = json.loads(js.output)
-    assert {"make", "model", "body", "year", "class_name", "probability", "unknown", "predictions"} <= a.keys()
+    assert {
+        "make",
+        "model",
+        "body",
+        "year",
+        "class_name",
+        "probability",
+        "unknown",
+        "predictions",
+    } <= a.keys()
     human = CliRunner().invoke(app, ["predict", str(run), str(imgs[0])], terminal_width=200)
     assert human.exit_code == 0 and "→" in human.output and "%" in human.output
 
