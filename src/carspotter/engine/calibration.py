@@ -37,16 +37,28 @@ class Calibration:
     fitted_on: str = ""
     n_fit: int = 0
     fit_metrics: dict[str, float] = field(default_factory=dict)
+    # Labels the run had training photos of; None = all. A retrieval-protocol run (classes 1–98 in train,
+    # 99–196 only in test) has 196 outputs, but the untrained half must never be named: it is masked out.
+    known_labels: list[int] | None = None
 
     @property
     def threshold(self) -> float | None:
         return self.thresholds.get(self.open_set_score)
 
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the classes the run never trained on pushed to -1e4 (their probability becomes 0)."""
+        logits = logits.float()
+        if self.known_labels is None or len(self.known_labels) == logits.shape[-1]:
+            return logits
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[torch.as_tensor(self.known_labels, dtype=torch.long)] = True
+        return logits.masked_fill(~keep, -1e4)  # finite: exp() is 0 but gradients w.r.t. T stay finite
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.softmax(self.mask(logits) / self.temperature, dim=-1)
 
     def scores(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
-        return open_set_score(logits, self.temperature, kind or self.open_set_score)
+        return open_set_score(self.mask(logits), self.temperature, kind or self.open_set_score)
 
     def unknown(self, logits: torch.Tensor) -> torch.Tensor:
         """True where the open-set score falls below the stored threshold (all False without one)."""
@@ -140,16 +152,18 @@ def fit_calibration(
     score: str = DEFAULT_SCORE,
     accept: float = DEFAULT_ACCEPT,
     fitted_on: str = "val",
+    known_labels: list[int] | None = None,
 ) -> Calibration:
     """Temperature + open-set thresholds (for every score kind) from known photos' logits."""
     if score not in SCORES:
         raise ValueError(f"open-set score {score!r}: choose one of {SCORES}")
     if not 0 < accept < 1:
         raise ValueError(f"accept {accept}: must be in (0, 1)")
+    logits = Calibration(known_labels=known_labels).mask(logits)
     t = fit_temperature(logits, torch.as_tensor(labels))
     thresholds = {k: threshold_at(open_set_score(logits, t, k).numpy(), accept) for k in SCORES}
     m = calibration_metrics(logits, labels, t) if len(labels) else {}
-    return Calibration(t, score, thresholds, accept, fitted_on, len(labels), m)
+    return Calibration(t, score, thresholds, accept, fitted_on, len(labels), m, known_labels)
 
 
 def save_calibration(run_dir: str | Path, cal: Calibration) -> Path:
@@ -177,6 +191,24 @@ def load_calibration(run_dir: str | Path) -> Calibration:
     return cal
 
 
+def trained_labels(run_dir: str | Path) -> list[int] | None:
+    """The run's labels that had training photos (from its training manifest); None = all, or unknown."""
+    from carspotter.data.manifest import read_manifest
+    from carspotter.engine.checkpoint import read_model_info, read_run_config
+
+    try:
+        cfg = read_run_config(run_dir)
+        records = read_manifest(Path(cfg.data.root))
+    except Exception:  # the training data moved or the run has no config: assume every class was trained
+        return None
+    names = read_model_info(run_dir).class_names
+    index = {n: i for i, n in enumerate(names)}
+    seen = sorted(
+        {index[r.class_name] for r in records if r.split == cfg.data.train_split and r.class_name in index}
+    )
+    return None if len(seen) == len(names) else seen
+
+
 def calibrate_run(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -191,11 +223,14 @@ def calibrate_run(
     from carspotter.engine.predict_logits import split_logits
 
     res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)
-    known = res.labels >= 0
+    trained = trained_labels(run_dir)
+    labels = res.labels if trained is None else np.where(np.isin(res.labels, trained), res.labels, -1)
+    known = labels >= 0
     if not known.any():
         raise RunError(f"{res.data_dir}: split {split!r} has no photos of the run's classes to calibrate on")
+    where = f"{res.data_dir}:{split}"
     cal = fit_calibration(
-        res.logits[known], res.labels[known], score, accept, fitted_on=f"{res.data_dir}:{split}"
+        res.logits[known], labels[known], score, accept, fitted_on=where, known_labels=trained
     )
     save_calibration(run_dir, cal)
     return cal

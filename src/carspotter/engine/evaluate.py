@@ -120,10 +120,15 @@ def evaluate_run(
         from carspotter.engine.trust import trust_metrics
 
         cal = load_calibration(run_dir)
+        if cal.known_labels is not None:  # classes the run has outputs for but never trained on: unknown
+            untrained = ~np.isin(labels, cal.known_labels) & (labels >= 0)
+            names = read_model_info(run_dir).class_names
+            res.unknown_classes = sorted({*res.unknown_classes, *(names[i] for i in set(labels[untrained]))})
+            labels = np.where(untrained, -1, labels)
         known = labels >= 0
         if not known.any():
             raise RunError(f"{res.data_dir}: split {split!r} holds no photo of a class the run knows")
-        lk, yk = out[known], labels[known]
+        lk, yk = cal.mask(out[known]), labels[known]
         loss = torch.nn.functional.cross_entropy(lk, torch.as_tensor(yk)).item()
         probs = cal.probs(lk).numpy()
         metrics = {**classification_metrics(yk, probs.argmax(1), probs, loss), **speed}

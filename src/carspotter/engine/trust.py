@@ -37,6 +37,7 @@ def trust_metrics(
 ) -> dict[str, Any]:
     """Hierarchy and calibration metrics over known photos (label ≥ 0); open-set metrics when some are not."""
     labels = np.asarray(labels)
+    logits = cal.mask(logits)  # untrained classes (if any) never count
     known = labels >= 0
     lk, yk = logits[known], labels[known]
     hier = Hierarchy.from_names(class_names)
