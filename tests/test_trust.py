@@ -239,3 +239,20 @@ def test_report_make_table_and_confusions_against_a_plain_count() -> None:
     assert sorted(tuple(r[:3]) for r in pairs) == [("Audi", "BMW", "1"), ("BMW", "Audi", "1")]
     png = reliability_png(np.array([0.9, 0.6, 0.3]), np.array([True, False, True]), "t")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieval_protocol_run_masks_its_untrained_classes(tmp_path: Path) -> None:
+    """Trained on classes 0-3 of a 6-class manifest (4-5 only in test, as the Cars196 protocol does): the run
+    has 6 outputs, but 4-5 are never named, and their photos count as unknown on the same data."""
+    data = make_tiny_prepared(tmp_path / "data", n_classes=6, per_class=8)
+    recs = [dataclasses.replace(r, split="test") if r.label >= 4 else r for r in read_manifest(data)]
+    write_manifest(data, recs)
+    cfg = apply_overrides(ExperimentConfig(), {**TINY_OVERRIDES, "epochs": 1})
+    fit(cfg, data, tmp_path / "run", progress=False)
+    cal = load_calibration(tmp_path / "run")
+    assert cal.known_labels == [0, 1, 2, 3]
+    p = cal.probs(torch.zeros(2, 6))
+    assert torch.all(p[:, 4:] == 0) and torch.allclose(p[:, :4], torch.full((2, 4), 0.25))
+    m = evaluate_run(tmp_path / "run", data, split="test", device="cpu")
+    assert m["n_unknown"] == 16 and m["n_known"] == 8 and m["unknown_classes"] == ["Class 4", "Class 5"]
+    assert 0 <= m["open_set_auroc"] <= 1
