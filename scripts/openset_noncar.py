@@ -60,14 +60,14 @@ def main() -> int:
     from carspotter.data.images import open_rgb
     from carspotter.engine.batch_predict import expand_paths
     from carspotter.engine.calibration import SCORES, load_calibration
-    from carspotter.engine.checkpoint import load_run
+    from carspotter.models.loading import load_run
 
     cal = load_calibration(args.run)
     if cal.threshold is None:
         print(f"{args.run}: no calibration.json with an open-set threshold; run `carspotter calibrate` first")
         return 2
-    model, info = load_run(args.run)
-    tf = info.eval_transform()
+    model, _ = load_run(args.run)
+    tf = model.preprocess.transform()
     result: dict[str, object] = {
         "run": str(args.run),
         "chosen_score": cal.open_set_score,

@@ -18,7 +18,7 @@ from PIL import Image
 from carspotter.data.images import open_rgb
 from carspotter.data.manifest import read_manifest, split_records
 from carspotter.engine.calibration import Calibration, fit_calibration, load_calibration, save_calibration
-from carspotter.engine.checkpoint import load_run
+from carspotter.models.loading import load_run
 from carspotter.serve.app import create_app
 from carspotter.serve.hosts import allowed_hosts_for, host_name
 from test_serve import CHROMIUM, running, serve_run, upload  # noqa: F401  (serve_run is a fixture)
@@ -31,8 +31,8 @@ def trust_runs(serve_run: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     calibrated, strict = root / "calibrated", root / "strict"
     shutil.copytree(serve_run["run"], calibrated)
     shutil.copytree(serve_run["run"], strict)
-    model, info = load_run(calibrated)
-    tf = info.eval_transform()
+    model, _ = load_run(calibrated)
+    tf = model.preprocess.transform()
     val = split_records(read_manifest(serve_run["data"]), "val")
     with torch.inference_mode():
         logits = model(torch.stack([tf(open_rgb(serve_run["data"] / r.path)) for r in val])).float()

@@ -166,7 +166,9 @@ def test_evaluate_other_dataset_matches_names_and_scores_unknowns(tiny_run: dict
     # another re-pack: classes in reverse label order; classes 0-3 are the run's, 4-5 are new
     write_manifest(data6, [dataclasses.replace(r, label=5 - r.label) for r in read_manifest(data6)])
     m = evaluate_run(run, data6, split="test", device="cpu")
-    with open(run / "predictions.csv") as f:
+    written = m.save()
+    assert [w.name for w in written] == ["metrics_test@data6.json", "predictions_test@data6.csv"]
+    with open(written[1]) as f:
         rows = list(csv.DictReader(f))
     assert sum(r["label"] == "-1" for r in rows) == 4 and {"unknown"} <= rows[0].keys()
     same = evaluate_run(run, tiny_run["data4"], split="test", device="cpu")

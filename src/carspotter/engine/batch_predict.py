@@ -19,7 +19,8 @@ from carspotter.data.images import ImageError, open_rgb
 from carspotter.data.layouts.base import image_files
 from carspotter.engine.answer import Hierarchy, build_answers
 from carspotter.engine.calibration import load_calibration
-from carspotter.engine.checkpoint import RunError, load_run
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError
 
 CSV_COLUMNS = [
     "path",
@@ -67,7 +68,7 @@ def predict_files(
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
     cal = load_calibration(run_dir)
-    tf = info.eval_transform()
+    tf = model.preprocess.transform()
     hier = Hierarchy.from_names(info.class_names)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):

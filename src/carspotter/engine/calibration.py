@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from carspotter.rundir import CALIBRATION, RunError
 from carspotter.utils import atomic_write_json
 
-CALIBRATION = "calibration.json"
 N_BINS = 15
 SCORES = ("msp", "energy")
 DEFAULT_SCORE = "msp"
@@ -177,7 +177,7 @@ def load_calibration(run_dir: str | Path) -> Calibration:
     path = Path(run_dir) / CALIBRATION
     if not path.is_file():
         return Calibration()
-    from carspotter.engine.checkpoint import RunError
+    from carspotter.rundir import RunError
 
     try:
         d = json.loads(path.read_text())
@@ -194,7 +194,7 @@ def load_calibration(run_dir: str | Path) -> Calibration:
 def trained_labels(run_dir: str | Path) -> list[int] | None:
     """The run's labels that had training photos (from its training manifest); None = all, or unknown."""
     from carspotter.data.manifest import read_manifest
-    from carspotter.engine.checkpoint import read_model_info, read_run_config
+    from carspotter.rundir import read_model_info, read_run_config
 
     try:
         cfg = read_run_config(run_dir)
@@ -219,7 +219,6 @@ def calibrate_run(
     batch_size: int | None = None,
 ) -> Calibration:
     """Fit the run's temperature and open-set threshold on `split` (its val split) and write calibration.json."""
-    from carspotter.engine.checkpoint import RunError
     from carspotter.engine.predict_logits import split_logits
 
     res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)

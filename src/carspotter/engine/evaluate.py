@@ -1,4 +1,4 @@
-"""Evaluate a run directory: metrics (scikit-learn), per-image predictions, and inference speed.
+"""Evaluate a run directory: metrics, per-image predictions, and inference speed; returned, not written.
 
 Speed is timed around the forward pass only (decoding and resizing excluded), so images/s compares models,
 not disks.
@@ -13,41 +13,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
-from carspotter.engine.calibration import load_calibration
-from carspotter.engine.checkpoint import RunError, load_run, read_model_info, read_run_config
-from carspotter.utils import atomic_write_json, atomic_write_text
+from carspotter.models.loading import load_run
+from carspotter.retrieval.metrics import classification_metrics
+from carspotter.rundir import (
+    EvalResult,
+    RunError,
+    data_tag,
+    metrics_name,
+    predictions_name,
+    read_model_info,
+    read_run_config,
+)
+
+__all__ = ["PRED_COLUMNS", "autocast_dtype", "classification_metrics", "evaluate_run", "predict_images"]
 
 # label -1: a class the run does not know; confidence = calibrated; unknown = below the open-set threshold
 PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs", "unknown"]
-
-
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None = None, loss: float | None = None
-) -> dict[str, float | None]:
-    """accuracy, top-5 accuracy, and macro F1/precision/recall over the classes present in `y_true`."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = np.unique(y_true)
-    out: dict[str, float | None] = {
-        "loss": None if loss is None else float(loss),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "top5_accuracy": None,
-        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "precision_macro": float(
-            precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-        ),
-        "recall_macro": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-    }
-    if probs is not None:
-        n_classes = probs.shape[1]
-        if n_classes <= 5:
-            out["top5_accuracy"] = 1.0
-        else:
-            out["top5_accuracy"] = float(
-                top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(n_classes))
-            )
-    return out
 
 
 def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
@@ -92,17 +74,21 @@ def evaluate_run(
     split: str = "test",
     device: str = "auto",
     batch_size: int | None = None,
-) -> dict[str, Any]:
-    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test).
+) -> EvalResult:
+    """Evaluate best.safetensors on a split → metrics (+ predictions CSV text for a classifier).
 
-    Classes are matched to the run's by canonical name; photos of classes the run does not know are scored
-    as open-set "unknowns" (open_set_auroc, n_unknown) rather than counted as errors.
+    `.save()` writes RUN_DIR/metrics_<split>[@<data>].json and predictions_<split>[@<data>].csv
+    (rundir names: a result on another split or dataset never overwrites this one). Classes are matched to
+    the run's by canonical name; photos of classes the run does not know (or has no training photos of) are
+    scored as open-set "unknowns" (open_set_auroc, n_unknown) rather than counted as errors.
     """
+    from carspotter.engine.calibration import load_calibration
     from carspotter.engine.predict_logits import split_logits
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)
+    tag = data_tag(res.data_dir, cfg.data.root)
     out, labels = res.outputs, res.labels
     n = len(labels)
     speed = {
@@ -111,7 +97,7 @@ def evaluate_run(
         "n_images": n,
         "split": split,
     }
-    suffix = "" if split == "test" else f"_{split}"
+    files: dict[str, Any] = {metrics_name(split, tag): None}
     if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
 
@@ -120,9 +106,9 @@ def evaluate_run(
         from carspotter.engine.trust import trust_metrics
 
         cal = load_calibration(run_dir)
+        names = read_model_info(run_dir).class_names
         if cal.known_labels is not None:  # classes the run has outputs for but never trained on: unknown
             untrained = ~np.isin(labels, cal.known_labels) & (labels >= 0)
-            names = read_model_info(run_dir).class_names
             res.unknown_classes = sorted({*res.unknown_classes, *(names[i] for i in set(labels[untrained]))})
             labels = np.where(untrained, -1, labels)
         known = labels >= 0
@@ -132,18 +118,17 @@ def evaluate_run(
         loss = torch.nn.functional.cross_entropy(lk, torch.as_tensor(yk)).item()
         probs = cal.probs(lk).numpy()
         metrics = {**classification_metrics(yk, probs.argmax(1), probs, loss), **speed}
-        metrics |= trust_metrics(out, labels, read_model_info(run_dir).class_names, cal)
+        metrics |= trust_metrics(out, labels, names, cal)
         if res.unknown_classes:
             metrics["unknown_classes"] = res.unknown_classes
-        all_probs = cal.probs(out).numpy()
-        flags = cal.unknown(out).numpy()
-        atomic_write_text(
-            run_dir / f"predictions{suffix}.csv", _predictions_csv(res.paths, labels, all_probs, flags)
+        files[predictions_name(split, tag)] = _predictions_csv(
+            res.paths, labels, cal.probs(out).numpy(), cal.unknown(out).numpy()
         )
     metrics["device"] = res.device
     metrics["autocast"] = res.autocast
-    atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
-    return metrics
+    if tag:
+        metrics["data"] = str(res.data_dir)
+    return EvalResult(metrics, run_dir, files)
 
 
 def predict_images(
@@ -155,11 +140,13 @@ def predict_images(
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    tf = info.eval_transform()
+    from carspotter.engine.calibration import load_calibration
+
+    tf = model.preprocess.transform()
     cal = load_calibration(run_dir)
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     with torch.inference_mode():
-        probs = cal.probs(model(x).float().cpu())  # (N, C)
+        probs = cal.probs(model(x).float().cpu())  # (N, C), calibrated
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         {

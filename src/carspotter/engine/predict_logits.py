@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from carspotter.data.taxonomy import canonical_name
-from carspotter.engine.checkpoint import RunError, load_run, read_run_config
 from carspotter.models.fuse import CPU_CHUNK, forward_chunked
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError, read_run_config
 from carspotter.utils import resolve_device
 
 
@@ -62,7 +63,10 @@ def split_logits(
     dev = torch.device(resolve_device(device))
     model, info = load_run(run_dir, str(dev))
     data_dir = Path(data_dir or cfg.data.root)
-    ds = PreparedDataset(data_dir, split, transform=info.eval_transform(), crop_bbox=cfg.data.crop_bbox)
+    ds = PreparedDataset(
+        data_dir, split, transform=model.preprocess.transform(), crop_bbox=cfg.data.crop_bbox
+    )
+    ds.one_thread_transforms = cfg.data.num_workers == 0
     metric_task = cfg.task == "metric" if embed is None else embed
     if metric_task:  # retrieval metrics compare labels among themselves: names need not match the run's
         mapping = np.arange(len(ds.class_names))

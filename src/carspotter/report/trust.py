@@ -112,7 +112,7 @@ def reliability_png(conf: np.ndarray, correct: np.ndarray, title: str, n_bins: i
 
 def trust_section(best: RunRecord | None, slug: str = "run") -> Section:
     sec = Section("Answers people can trust")
-    if best is None or not best.has_predictions:
+    if best is None or not best.has_predictions or best.predictions is None:
         sec.blocks.append(Para("— no classification run with metrics.json and predictions.csv.", "note"))
         return sec
     m: dict[str, Any] = best.metrics or {}
@@ -123,10 +123,10 @@ def trust_section(best: RunRecord | None, slug: str = "run") -> Section:
     ]
     if rows:
         sec.blocks.append(Table(f"Trust metrics ({best.name}, test split)", ["Metric", "Value"], rows))
-    y, p, c = read_scored_predictions(best.path / "predictions.csv")
+    y, p, c = read_scored_predictions(best.predictions)
     names = best.class_names
     if not len(y) or not names:
-        sec.blocks.append(Para(f"— {best.path / 'predictions.csv'} has no usable rows.", "note"))
+        sec.blocks.append(Para(f"— {best.predictions} has no usable rows.", "note"))
         return sec
     sec.blocks.append(make_table(names, y, p, best.name))
     sec.blocks.append(make_confusions(names, y, p))

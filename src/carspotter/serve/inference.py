@@ -23,8 +23,9 @@ from PIL import Image
 
 from carspotter.engine.answer import Hierarchy, build_answers
 from carspotter.engine.calibration import load_calibration
-from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.models.factory import CarModel
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Predictor:
         self.class_names: list[str] = list(self.info.class_names)
         self.calibration = load_calibration(self.run_dir)  # temperature + open-set threshold (T=1 if none)
         self.hierarchy = Hierarchy.from_names(self.class_names)
-        self.transform = self.info.eval_transform()
+        self.transform = self.model.preprocess.transform()
         self.index = None
         self.embed_model: CarModel | None = None
         if index_dir is not None:
