@@ -38,6 +38,18 @@ class SplitOutputs:
         return self.outputs
 
 
+def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA, and on CPUs with native bf16 (there it measured ~1.5–2× faster than fp32 for
+    EfficientNet-Lite0/ResNet-50; tiny CNNs are faster in fp32, so tests turn it off); None = fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def class_mapping(dataset_names: list[str], run_names: list[str]) -> np.ndarray:
     """Dataset label → run label by canonical class name; -1 where the run has no such class."""
     if dataset_names == run_names:
@@ -56,7 +68,6 @@ def split_logits(
 ) -> SplitOutputs:
     """The run's outputs (logits, or embeddings when `embed`/a metric run) for every photo of `split`."""
     from carspotter.data.dataset import PreparedDataset
-    from carspotter.engine.evaluate import autocast_dtype
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
