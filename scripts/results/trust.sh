@@ -31,3 +31,4 @@ PY
 "$CS" data prepare "$T/src/open196r.csv" --out "$T/open196r" --max-side 128 --val-fraction 0
 "$CS" evaluate "$T/t1r" --data "$T/open196r" --split test --device cpu   # open_set_auroc, n_unknown
 "$REPO/.venv/bin/python" "$REPO/scripts/openset_noncar.py" "$T/t1r" --n 50 --json "$T/noncar_t1r.json"
+"$REPO/.venv/bin/python" "$REPO/scripts/openset_knn.py" "$T/t1r" --gallery "$RDATA" --data "$T/open196r" --json "$T/openset_knn_t1r.json"
