@@ -193,7 +193,10 @@ def test_kaggle_folders_nested_one_level_too_deep(tmp_path: Path) -> None:
     assert name == "folders" and "car_data" in why
     s = prepare(tmp_path / "extract", tmp_path / "out", val_fraction=0, workers=1)
     assert s["counts"] == {"train": 6, "val": 0, "test": 3}
-    assert sorted(class_names(read_manifest(tmp_path / "out"))) == sorted(n.replace("/", "-") for n in NAMES)
+    # the folders spell "Ram C-V Cargo Van Minivan 2012"; prepare maps it back to the official "C/V" name
+    assert sorted(class_names(read_manifest(tmp_path / "out"))) == sorted(NAMES)
+    assert any("'Ram C-V Cargo Van Minivan 2012' → 'Ram C/V Cargo Van Minivan 2012'" in n for n in s["notes"])
+    assert s["taxonomy"]["fallback"] == [] and s["taxonomy"]["n_makes"] == 3
 
 
 def test_class_folders_with_val_and_single_folder(tmp_path: Path) -> None:

@@ -318,6 +318,10 @@ def test_report_from_a_real_run_and_index(tiny_prepared: Path, tmp_path: Path, o
     assert "tiny-cnn" in tables["From scratch"] and "Confusion matrix" in html
     assert "gradcam++ heat-maps (target layer backbone.blocks.1)" in html  # the "why" section
     assert (tmp_path / "report" / "why_tiny-cnn.png").is_file()
+    # the trust section: calibration figures, a make-level table and a reliability diagram
+    assert "Answers people can trust" in html and "ECE after temperature scaling" in html
+    assert "Results per make (tiny-cnn; flat top-1 class)" in tables and "Most-confused makes" in tables
+    assert (tmp_path / "report" / "reliability_tiny-cnn.png").is_file()
     # Without the run on disk, the grid falls back to gallery photos as queries (no crash, no model).
     import shutil
 

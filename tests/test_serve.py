@@ -545,6 +545,7 @@ def test_batched_forward_equals_one_by_one(serve_data: dict[str, Path]) -> None:
         together = [r["predictions"] for r in p.classify_batch(imgs, [3] * len(imgs))]
         alone = [p.classify_batch([im], [3])[0]["predictions"] for im in imgs]
         for t, a in zip(together, alone, strict=True):
+            t, a = t["predictions"], a["predictions"]  # the answer's top-k list
             assert [x["class_id"] for x in t] == [x["class_id"] for x in a]
             assert np.allclose([x["probability"] for x in t], [x["probability"] for x in a], atol=1e-5)
         s_together = p.search_batch(imgs, [2, 4, 1, 3, 2, 5])

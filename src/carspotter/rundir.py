@@ -10,6 +10,7 @@ RUN_DIR/
   best.safetensors              weights chosen on the val split (never on test)
   last.pt                       resumable state (weights_only-loadable)
   metrics.csv, tb/              per-epoch history
+  calibration.json              temperature, open-set score + thresholds, trained labels (engine.calibration)
   metrics_<split>[@<data>].json, predictions_<split>[@<data>].csv          `evaluate RUN`
   metrics_<split>_knn<k>_<metric>[_<weighting>][_g<gallery>][@<data>].json `evaluate RUN --knn`
 INDEX_DIR/
@@ -43,6 +44,9 @@ MODEL_JSON = "model.json"
 BEST = "best.safetensors"
 LAST = "last.pt"
 HISTORY = "metrics.csv"
+CALIBRATION = (
+    "calibration.json"  # engine.calibration: fitted on val after training or by `carspotter calibrate`
+)
 TB = "tb"
 LEGACY_METRICS = "metrics.json"  # before split-named results: the test split of the run's own data
 LEGACY_PREDICTIONS = "predictions.csv"

@@ -15,6 +15,7 @@ from carspotter.cli import (
     retrieval_cmds,
     serve_cmds,
     train_cmds,
+    trust_cmds,
 )
 
 
@@ -26,7 +27,8 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    for mod in (data_cmds, train_cmds, retrieval_cmds, explain_cmds, report_cmds, serve_cmds, export_cmds):
+    cmds = (data_cmds, train_cmds, trust_cmds, retrieval_cmds, explain_cmds, report_cmds, serve_cmds, export_cmds)
+    for mod in cmds:
         mod.register(app)
     return app
 

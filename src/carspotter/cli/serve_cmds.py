@@ -45,6 +45,11 @@ def serve(
         False, "--zoom/--no-zoom", help="Classify a second time, zoomed on the CAM box; answers combined."
     ),
     zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="A Host name clients may use besides localhost and the bind address (repeatable; '*' = any).",
+    ),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
@@ -52,6 +57,7 @@ def serve(
 
     from carspotter.explain.zoom import ZoomSettings
     from carspotter.serve.app import create_app
+    from carspotter.serve.hosts import allowed_hosts_for
     from carspotter.utils import resolve_device
 
     if not run_dir.is_dir():
@@ -60,6 +66,9 @@ def serve(
         raise FileNotFoundError(f"--index {index}: no such index directory")
     if not _is_loopback(host):
         typer.echo(f"warning: binding {host} makes the service reachable from other machines", err=True)
+        if not allow_host:
+            typer.echo("note: only Host names localhost/127.0.0.1/the bind address are accepted; add "
+                       "--allow-host NAME for the name clients use", err=True)  # fmt: skip
     if threads:
         # One intra-op thread by default: the HTTP and decode threads share the cores, and OpenMP threads
         # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
@@ -71,6 +80,7 @@ def serve(
         device=resolve_device(device),
         max_batch=max_batch,
         zoom=ZoomSettings(zoom_combine) if zoom else None,
+        allowed_hosts=allowed_hosts_for(host, allow_host),
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

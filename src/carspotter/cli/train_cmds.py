@@ -303,5 +303,4 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     app.command("train")(friendly_errors(train))
     app.command("evaluate")(friendly_errors(evaluate))
-    app.command("predict")(friendly_errors(predict))
     app.command("presets")(friendly_errors(presets))

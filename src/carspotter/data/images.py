@@ -43,9 +43,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode(
-    data: bytes | Path | str, source: str = "", allowed_formats: tuple[str, ...] | None = None
+    data: bytes | Path | str,
+    source: str = "",
+    allowed_formats: tuple[str, ...] | None = None,
+    parsers: tuple[str, ...] | None = None,
 ) -> Image.Image:
-    """Decode fully (so truncation shows up now) and return an RGB image, or raise ImageError."""
+    """Decode fully (so truncation shows up now) and return an RGB image, or raise ImageError.
+
+    `parsers` limits which Pillow format plugins may even look at the bytes (untrusted uploads).
+    """
     name = source or (str(data) if not isinstance(data, bytes) else "<bytes>")
     if isinstance(data, bytes):
         if len(data) == 0:
@@ -66,7 +72,7 @@ def decode(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
+            with Image.open(fp, formats=parsers) as img:
                 fmt = img.format or ""
                 if allowed_formats is not None and fmt.upper() not in allowed_formats:
                     raise ImageError(

@@ -24,6 +24,7 @@ from carspotter.data.images import ImageError, decode
 from carspotter.data.layouts import LayoutError, SourceItem, read_layout
 from carspotter.data.layouts.parquet import download_hf, read_cell
 from carspotter.data.manifest import MANIFEST, SPLITS, SUMMARY, Record, write_manifest, write_summary
+from carspotter.data.taxonomy import canonical_name, taxonomy_summary
 from carspotter.utils import OutputExistsError
 
 PROTOCOLS = ("classification", "retrieval")
@@ -194,6 +195,19 @@ def _class_order(items: list[SourceItem]) -> tuple[list[str], dict[str, int | No
     return sorted(ids), {n: None for n in ids}, "name"
 
 
+def canonical_items(items: list[SourceItem]) -> tuple[list[SourceItem], dict[str, str]]:
+    """Official spellings for re-packed class names (Kaggle "Ram C-V …" → "Ram C/V …"); returns the renames."""
+    renamed: dict[str, str] = {}
+    out = []
+    for it in items:
+        name = canonical_name(it.class_name)
+        if name != it.class_name:
+            renamed[it.class_name] = name
+            it = dataclasses.replace(it, class_name=name)
+        out.append(it)
+    return out, renamed
+
+
 def carve_val(labels: list[int], splits: list[str], val_fraction: float, seed: int) -> list[str]:
     """Move a seeded per-class (stratified) `val_fraction` of train items to val; keeps ≥1 train per class."""
     splits = list(splits)
@@ -280,8 +294,14 @@ def prepare(
         say(f"layout: {layout} — {why}")
         for note in read.notes:
             say(f"note: {note}")
-        items = read.items
+        items, renamed = canonical_items(read.items)
         notes = list(read.notes)
+        if renamed:
+            notes.append(
+                "class names mapped back to the official spelling: "
+                + "; ".join(f"{a!r} → {b!r}" for a, b in sorted(renamed.items()))
+            )
+            say(f"note: {notes[-1]}")
         if not _bboxes_fit(items):
             items = [dataclasses.replace(it, bbox=None) for it in items]
             notes.append(
@@ -336,6 +356,14 @@ def prepare(
         options = {"protocol": protocol, "crop_bbox": crop_bbox, "max_side": max_side}
         options |= {"val_fraction": val_fraction, "seed": seed}
         summary = _summary(records, names, ids, skipped, notes, results, src, layout, why, order, options)
+        summary["taxonomy"] = taxonomy_summary(names)
+        if summary["taxonomy"]["fallback"]:
+            fb = summary["taxonomy"]["fallback"]
+            summary["notes"].append(
+                f"{len(fb)} class name(s) with a make we do not know; make = first word: "
+                + ", ".join(repr(n) for n in fb[:10])
+                + (" …" if len(fb) > 10 else "")
+            )
         summary["wall_time_s"] = round(time.perf_counter() - t0, 2)
         write_summary(tmp, summary)
         shutil.rmtree(tmp / ".download", ignore_errors=True)
@@ -421,6 +449,17 @@ def format_summary(summary: dict[str, Any], max_skipped: int = 20) -> str:
         lines.append(f"  - {s['file']}: {s['reason']}")
     if len(skipped) > max_skipped:
         lines.append(f"  … and {len(skipped) - max_skipped} more (see summary.json)")
+    tax = summary.get("taxonomy")
+    if tax:
+        fb = len(tax.get("fallback", []))
+        lines.append(
+            f"taxonomy: {tax.get('n_makes')} makes, {tax.get('n_models')} models"
+            + (
+                f", {fb} name(s) with an unknown make (make = first word)"
+                if fb
+                else ", every make recognised"
+            )
+        )
     for n in summary.get("notes", []):
         lines.append(f"note: {n}")
     if "wall_time_s" in summary:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from carspotter.models.fuse import CPU_CHUNK, forward_chunked
+from carspotter.engine.predict_logits import autocast_dtype
 from carspotter.models.loading import load_run
 from carspotter.retrieval.metrics import classification_metrics
 from carspotter.rundir import (
@@ -24,28 +23,19 @@ from carspotter.rundir import (
     data_tag,
     metrics_name,
     predictions_name,
+    read_model_info,
     read_run_config,
 )
-from carspotter.utils import resolve_device
 
 __all__ = ["PRED_COLUMNS", "autocast_dtype", "classification_metrics", "evaluate_run", "predict_images"]
 
-PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs"]
+# label -1: a class the run does not know; confidence = calibrated; unknown = below the open-set threshold
+PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs", "unknown"]
 
 
-def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (there it measured ~1.5–2× faster than fp32 for
-    EfficientNet-Lite0/ResNet-50; tiny CNNs are faster in fp32, so tests turn it off); None = fp32."""
-    if not enabled:
-        return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
+def _predictions_csv(
+    paths: list[str], labels: np.ndarray, probs: np.ndarray, unknown: np.ndarray | None = None
+) -> str:
     k = min(5, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
     buf = io.StringIO()
@@ -61,6 +51,7 @@ def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) ->
                 f"{probs[i, t[0]]:.6f}",
                 ";".join(str(int(c)) for c in t),
                 ";".join(f"{probs[i, c]:.6f}" for c in t),
+                int(bool(unknown[i])) if unknown is not None else 0,
             ]
         )
     return buf.getvalue()
@@ -76,86 +67,75 @@ def evaluate_run(
     """Evaluate best.safetensors on a split → metrics (+ predictions CSV text for a classifier).
 
     `.save()` writes RUN_DIR/metrics_<split>[@<data>].json and predictions_<split>[@<data>].csv
-    (rundir names: a result on another split or dataset never overwrites this one).
+    (rundir names: a result on another split or dataset never overwrites this one). Classes are matched to
+    the run's by canonical name; photos of classes the run does not know (or has no training photos of) are
+    scored as open-set "unknowns" (open_set_auroc, n_unknown) rather than counted as errors.
     """
-    from carspotter.data.dataset import PreparedDataset
+    from carspotter.engine.calibration import load_calibration
+    from carspotter.engine.predict_logits import split_logits
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    dev = torch.device(resolve_device(device))
-    model, info = load_run(run_dir, str(dev))
-    data_dir = Path(data_dir or cfg.data.root)
-    tag = data_tag(data_dir, cfg.data.root)
-    ds = PreparedDataset(
-        data_dir, split, transform=model.preprocess.transform(), crop_bbox=cfg.data.crop_bbox
-    )
-    ds.one_thread_transforms = cfg.data.num_workers == 0
-    if ds.class_names != info.class_names:
-        raise RunError(
-            f"{data_dir}: its {len(ds.class_names)} classes differ from the {len(info.class_names)} "
-            f"the run {run_dir} was trained on"
-        )
-    if len(ds) == 0:
-        raise RunError(f"{data_dir}: split {split!r} has no images")
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size or cfg.data.batch_size, num_workers=cfg.data.num_workers
-    )
-    if dev.type == "cpu" or cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    outputs, seconds = [], 0.0
-    metric_task = cfg.task == "metric"
-    amp = autocast_dtype(cfg.train.amp, dev)  # as in training
-    with (
-        torch.inference_mode(),
-        torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-    ):
-        for x, _ in loader:
-            x = x.to(dev, memory_format=torch.channels_last)
-            t0 = time.perf_counter()
-            fn = model.embed if metric_task else model
-            out = forward_chunked(fn, x, CPU_CHUNK if dev.type == "cpu" else None)  # (B, D) or (B, C)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            outputs.append(out.float().cpu())
-    out = torch.cat(outputs)
-    labels = np.asarray(ds.labels)
+    res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)
+    tag = data_tag(res.data_dir, cfg.data.root)
+    out, labels = res.outputs, res.labels
+    n = len(labels)
     speed = {
-        "predict_time_s": seconds,
-        "images_per_s": len(ds) / seconds if seconds > 0 else None,
-        "n_images": len(ds),
+        "predict_time_s": res.seconds,
+        "images_per_s": n / res.seconds if res.seconds > 0 else None,
+        "n_images": n,
         "split": split,
     }
     files: dict[str, Any] = {metrics_name(split, tag): None}
-    if metric_task:
+    if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
 
         metrics = {**retrieval_metrics(out.numpy(), labels, metric=cfg.retrieval.metric), **speed}
     else:
-        loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(labels)).item()
-        probs = out.softmax(dim=1).numpy()
-        metrics = {**classification_metrics(labels, probs.argmax(1), probs, loss), **speed}
-        files[predictions_name(split, tag)] = _predictions_csv(ds.paths, labels, probs)
-    metrics["device"] = str(dev)
-    metrics["autocast"] = str(amp).replace("torch.", "") if amp else "off"
+        from carspotter.engine.trust import trust_metrics
+
+        cal = load_calibration(run_dir)
+        names = read_model_info(run_dir).class_names
+        if cal.known_labels is not None:  # classes the run has outputs for but never trained on: unknown
+            untrained = ~np.isin(labels, cal.known_labels) & (labels >= 0)
+            res.unknown_classes = sorted({*res.unknown_classes, *(names[i] for i in set(labels[untrained]))})
+            labels = np.where(untrained, -1, labels)
+        known = labels >= 0
+        if not known.any():
+            raise RunError(f"{res.data_dir}: split {split!r} holds no photo of a class the run knows")
+        lk, yk = cal.mask(out[known]), labels[known]
+        loss = torch.nn.functional.cross_entropy(lk, torch.as_tensor(yk)).item()
+        probs = cal.probs(lk).numpy()
+        metrics = {**classification_metrics(yk, probs.argmax(1), probs, loss), **speed}
+        metrics |= trust_metrics(out, labels, names, cal)
+        if res.unknown_classes:
+            metrics["unknown_classes"] = res.unknown_classes
+        files[predictions_name(split, tag)] = _predictions_csv(
+            res.paths, labels, cal.probs(out).numpy(), cal.unknown(out).numpy()
+        )
+    metrics["device"] = res.device
+    metrics["autocast"] = res.autocast
     if tag:
-        metrics["data"] = str(data_dir)
+        metrics["data"] = str(res.data_dir)
     return EvalResult(metrics, run_dir, files)
 
 
 def predict_images(
     run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu"
 ) -> list[dict[str, Any]]:
-    """Top-k classes per image: [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
+    """Top-k classes per image (calibrated): [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
     from carspotter.data.images import open_rgb
 
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
+    from carspotter.engine.calibration import load_calibration
+
     tf = model.preprocess.transform()
+    cal = load_calibration(run_dir)
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     with torch.inference_mode():
-        probs = model(x).float().softmax(dim=1).cpu()  # (N, C)
+        probs = cal.probs(model(x).float().cpu())  # (N, C), calibrated
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         {

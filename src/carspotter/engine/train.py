@@ -616,6 +616,11 @@ def _fit(
             say(f"early stop: no improvement in {name} for {patience} epochs")
     if writer is not None:
         writer.close()
+    if dist.is_main and not metric_task and len(val_ds) and best is not None:
+        from carspotter.engine.calibration import calibrate_run  # temperature + open-set threshold on val
+
+        cal = calibrate_run(out_dir, data_dir, cfg.data.val_split, device=str(device))
+        say(f"calibrated on val: temperature {cal.temperature:.3f}, open-set threshold {cal.threshold:.4f}")
 
     digest = weights_digest(model)
     if dist.enabled:

@@ -112,6 +112,13 @@ def _why_section(runs: list[RunRecord]) -> Section:
         )
 
 
+def _trust_section(runs: list[RunRecord]) -> Section:
+    from carspotter.report.trust import trust_section
+
+    best = best_classification_run(runs)
+    return trust_section(best, _slug(best.name) if best else "run")
+
+
 def _grid_section(index_dirs: list[Path], n_queries: int, k: int) -> Section:
     from carspotter.report.grid import retrieval_examples
 
@@ -175,6 +182,7 @@ def build_sections(
         _curves_section(runs),
         _confusion_section(runs, top_n),
         _why_section(runs),
+        _trust_section(runs),
         _grid_section([i.path for i in indexes], grid_queries, grid_k),
     ]
 

@@ -106,10 +106,12 @@ def read_predictions(path: Path) -> tuple[list[int], list[int]]:
     with path.open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
-                y.append(int(row["label"]))
-                p.append(int(row["pred"]))
+                label, pred = int(row["label"]), int(row["pred"])
             except (KeyError, TypeError, ValueError):
                 continue
+            if label >= 0:  # -1: a class the run does not know (open-set evaluation)
+                y.append(label)
+                p.append(pred)
     return y, p
 
 

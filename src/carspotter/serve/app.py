@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,15 +21,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from carspotter.serve.explain import ExplainService
 from carspotter.explain.zoom import ZoomSettings
+from carspotter.serve.hosts import DEFAULT_HOSTS, HostAllowListMiddleware
 from carspotter.serve.inference import Busy, Predictor
 from carspotter.serve.uploads import BodyLimitMiddleware, UploadLimits, load_upload, too_large_detail
 
+log = logging.getLogger(__name__)
 K_MAX = 50
 THUMB_SIZE = 256
 PAGE_CSP = (
@@ -123,6 +127,8 @@ def health(request: Request) -> dict[str, Any]:
         "img_size": p.info.preprocess.get("img_size"),
         "device": p.device,
         "index": index,
+        "temperature": p.calibration.temperature,
+        "open_set": {"score": p.calibration.open_set_score, "threshold": p.calibration.threshold},
         "max_upload_mb": svc.limits.max_mb,
         "max_batch": p.batcher.max_batch,
         "explain": True,
@@ -145,13 +151,20 @@ def classes(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/api/classify", summary="Top-k classes for a photo, and where the car is (normalised box)")
+@router.post("/api/classify", summary="Make → model → year with calibrated probabilities, or 'unknown'")
 async def classify(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
+    """The same structure as `carspotter predict --json` gives per photo; `predictions` is the top-k."""
     k = min(k or k_form or 5, len(_service(request).predictor.class_names))
     image = await _read_image(request, file)
     t0 = time.perf_counter()
-    res = await _infer(request, "classify", image, k)
-    return {**res, "k": k, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+    answer = await _infer(request, "classify", image, k)
+    return {
+        "path": None,
+        "error": None,
+        **answer,
+        "k": k,
+        "time_ms": round(1000 * (time.perf_counter() - t0), 2),
+    }
 
 
 @router.post("/api/search", summary="The k most similar gallery photos")
@@ -227,7 +240,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, still JSON
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500)
+        log.error(
+            "internal error on %s", request.url.path, exc_info=exc
+        )  # details to the log, never the client
+        return JSONResponse({"detail": "internal error; see the server log"}, 500)
 
     app.add_exception_handler(Exception, server_error)
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
@@ -243,8 +259,13 @@ def create_app(
     max_batch: int = 8,
     max_pixels: int = 40_000_000,
     zoom: ZoomSettings | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
-    """Load the run's model (and the gallery index) now, and return the ASGI app serving them."""
+    """Load the run's model (and the gallery index) now, and return the ASGI app serving them.
+
+    `allowed_hosts`: Host header names accepted (default: localhost and the loopback addresses); any
+    other Host is refused, so a DNS-rebinding page in a browser cannot read the API.
+    """
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
@@ -259,13 +280,14 @@ def create_app(
 
     from carspotter import __version__
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs with Swagger UI's files bundled: it renders with no internet
         title="carspotter",
         version=__version__,
         description="Fine-grained car classification and look-alike search (Stanford Cars).",
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, detail=too_large_detail(limits))
+    app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts or list(DEFAULT_HOSTS))  # outermost
     app.state.service = Service(predictor, limits)
     _install_error_handlers(app)
     app.include_router(router)

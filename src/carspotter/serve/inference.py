@@ -23,6 +23,8 @@ from PIL import Image
 
 from carspotter.explain.box import BoxSettings
 from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
+from carspotter.engine.answer import Hierarchy, build_answers
+from carspotter.engine.calibration import load_calibration
 from carspotter.models.factory import CarModel
 from carspotter.models.loading import load_run
 from carspotter.rundir import RunError
@@ -130,6 +132,8 @@ class Predictor:
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
+        self.calibration = load_calibration(self.run_dir)  # temperature + open-set threshold (T=1 if none)
+        self.hierarchy = Hierarchy.from_names(self.class_names)
         self.transform = self.model.preprocess.transform()
         self.looker = Looker(self.model, self.info, box, zoom, device) if self.info.num_classes > 0 else None
         self.index = None
@@ -166,26 +170,24 @@ class Predictor:
 
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[dict[str, Any]]:
-        """Per photo: {"predictions": top-k, "box": where the car is (normalised x1, y1, x2, y2), "zoom"}."""
+        """Per photo: the answer of `engine.answer.build_answers` (its top list cut to that request's k),
+        plus "box" (where the car is, normalised x1, y1, x2, y2) and "zoom" (the second look, when on)."""
         if self.looker is None:
             raise RunError(f"{self.run_dir}: a metric-learning run has no classifier; use /api/search")
         looks = self.looker(images)  # one forward gives the logits and the CAM box; a second one with zoom
-        probs = torch.softmax(looks.logits.float(), dim=1)  # (B, C)
-        top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
-        out = []
-        for b, k in enumerate(ks):
+        logits = looks.logits.float().cpu()  # (B, C)
+        answers = build_answers(logits, self.class_names, self.calibration, max(ks), self.hierarchy)
+        for b, (a, k) in enumerate(zip(answers, ks, strict=True)):
+            a["predictions"] = a["predictions"][:k]
             zoom = None
             if looks.zoomed is not None:
                 w, h = images[b].size
                 crop_box = expand(tuple(looks.boxes[b]), self.looker.zoom.margin)  # type: ignore[arg-type, union-attr]
                 x0, y0, x1, y1 = zoom_rect(w, h, crop_box)
                 zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
-            preds = [
-                {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
-                for p, i in zip(top_p[b, :k].tolist(), top_i[b, :k].tolist(), strict=True)
-            ]
-            out.append({"predictions": preds, "box": rounded(looks.boxes[b]), "zoom": zoom})
-        return out
+            a["box"] = rounded(looks.boxes[b])
+            a["zoom"] = zoom
+        return answers
 
     def search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
         assert self.index is not None and self.embed_model is not None

@@ -18,6 +18,8 @@ from carspotter.data.images import ImageError, decode
 
 # "MPO" is how Pillow labels the multi-picture JPEGs many phones write; they are JPEG files.
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+# The only Pillow parsers that ever see untrusted bytes (MPO files are opened by the JPEG parser).
+PARSERS = ("JPEG", "PNG", "WEBP")
 ALLOWED_HUMAN = "JPEG, PNG or WebP"
 MULTIPART_SLACK = 64 * 1024  # multipart headers and the small `k` field on top of the photo itself
 
@@ -104,14 +106,14 @@ def check_header(data: bytes, limits: UploadLimits) -> tuple[str, tuple[int, int
     if len(data) > limits.max_bytes:
         raise HTTPException(413, too_large_detail(limits))
     try:
-        with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes no pixels
+        with Image.open(io.BytesIO(data), formats=PARSERS) as img:  # lazy: parses the header only
             fmt, size = (img.format or "").upper(), img.size
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"image has too many pixels (decompression bomb refused): {e}") from None
+    except Image.DecompressionBombError:
+        raise HTTPException(413, "image has too many pixels (decompression bomb refused)") from None
     except UnidentifiedImageError:
         raise HTTPException(415, f"not an image we can read; send a {ALLOWED_HUMAN} photo") from None
-    except Exception as e:  # a malformed header makes Pillow raise all sorts of things
-        raise HTTPException(422, f"corrupt image header ({type(e).__name__}: {e})") from None
+    except Exception:  # a malformed header makes Pillow raise all sorts of things; never echo its text
+        raise HTTPException(422, "corrupt image header") from None
     if fmt not in ALLOWED_FORMATS:
         raise HTTPException(415, f"unsupported image format {fmt or 'unknown'}; send a {ALLOWED_HUMAN} photo")
     w, h = size
@@ -138,9 +140,9 @@ def load_upload(data: bytes, limits: UploadLimits) -> Image.Image:
     """Header checks, then a full decode (truncation shows up here) to RGB. Runs in a worker thread."""
     check_header(data, limits)
     try:
-        return decode(data, source="upload", allowed_formats=ALLOWED_FORMATS)
-    except ImageError as e:
+        return decode(data, source="upload", allowed_formats=ALLOWED_FORMATS, parsers=PARSERS)
+    except ImageError as e:  # the short reason only: decoder messages stay on the server
         status = _REASON_STATUS.get(e.reason, 422)
-        raise HTTPException(status, str(e).removeprefix("upload: ")) from None
-    except Exception as e:  # decoders can fail in ways Pillow does not wrap (e.g. MemoryError, struct.error)
-        raise HTTPException(422, f"corrupt image ({type(e).__name__}: {e})") from None
+        raise HTTPException(status, e.reason) from None
+    except Exception:  # decoders can fail in ways Pillow does not wrap (e.g. MemoryError, struct.error)
+        raise HTTPException(422, "corrupt image") from None
