@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from carspotter.cli import data_cmds, export_cmds, report_cmds, retrieval_cmds, serve_cmds, train_cmds
+from carspotter.cli import catalogue_cmds, data_cmds, export_cmds, report_cmds, retrieval_cmds, serve_cmds, train_cmds
 
 
 def build_app() -> typer.Typer:
@@ -18,7 +18,7 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    for mod in (data_cmds, train_cmds, retrieval_cmds, report_cmds, serve_cmds, export_cmds):
+    for mod in (data_cmds, train_cmds, retrieval_cmds, catalogue_cmds, report_cmds, serve_cmds, export_cmds):
         mod.register(app)
     return app
 

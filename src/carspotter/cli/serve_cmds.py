@@ -41,6 +41,9 @@ def serve(
         help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    admin_token_file: Path | None = typer.Option(
+        None, "--admin-token-file", help="Enable POST/DELETE /api/enrol for callers with this file's token."
+    ),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
@@ -60,7 +63,12 @@ def serve(
         # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
         torch.set_num_threads(threads)
     app = create_app(
-        run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
+        run_dir,
+        index,
+        max_upload_mb=max_upload_mb,
+        device=resolve_device(device),
+        max_batch=max_batch,
+        admin_token_file=admin_token_file,
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

@@ -178,11 +178,23 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     k: int = typer.Option(5, "--k", help="How many classes to show per image."),
     device: str = typer.Option("cpu", "--device"),
+    index: Path | None = typer.Option(
+        None, "--index", help="A gallery index: answer over trained + gallery (incl. enrolled) classes."
+    ),
+    gallery_weight: float = typer.Option(
+        0.5, "--gallery-weight", min=0.0, max=1.0, help="With --index: weight of the gallery's vote."
+    ),
 ) -> None:
     """Print the top-k classes with probabilities for each image."""
     from carspotter.engine.evaluate import predict_images
 
-    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device):
+    if index is not None:
+        from carspotter.retrieval.open_classify import predict_with_index
+
+        results = predict_with_index(run_dir, index, [str(p) for p in images], k, device, gallery_weight)
+    else:
+        results = predict_images(run_dir, [str(p) for p in images], k=k, device=device)
+    for res in results:
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
         typer.echo(res["path"])
         _table("", rows, ("#", "class", "probability"))

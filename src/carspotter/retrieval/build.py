@@ -37,17 +37,25 @@ def build_index_from_run(
     overwrite: bool = False,
     model_info: dict[str, Any] | None = None,
     crop_mode: str | None = None,
-) -> GalleryIndex:
+    dist: Any = None,
+) -> GalleryIndex | None:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
     `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder.
     `crop_mode` (center | squash) defaults to the run's own, or "center" for a bare model.
+    Under torchrun pass `dist` (engine.distributed.DistInfo): each rank embeds its shard, rank 0 builds and
+    writes the index; other ranks return None.
     """
+    from torch.utils.data import Subset
+
+    from carspotter.engine.distributed import DistInfo
+    from carspotter.retrieval.sharded import embed_sharded
     from carspotter.engine.checkpoint import load_run
     from carspotter.retrieval.embed import embed_dataset, eval_transform
     from carspotter.retrieval.knn import _splits_dataset
 
-    if out_dir is not None:
+    dist = dist or DistInfo()
+    if out_dir is not None and dist.is_main:
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
@@ -64,7 +72,11 @@ def build_index_from_run(
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
-    emb = embed_dataset(model, ds, batch_size, dev, num_workers, source)  # (N, D)
+    emb = embed_sharded(  # (N, D); one shard per torchrun rank
+        lambda ids: embed_dataset(model, Subset(ds, ids.tolist()), batch_size, dev, num_workers, source),
+        len(ds),
+        dist,
+    )
     seconds = time.perf_counter() - t0
     meta = [
         {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in ds.records
@@ -80,6 +92,8 @@ def build_index_from_run(
         embed_time_s=seconds,
         embed_images_per_s=len(ds) / seconds if seconds > 0 else None,
     )
+    if not dist.is_main:
+        return None
     index = GalleryIndex.build(
         emb, meta, metric=metric, index_type=index_type, info=info, nprobe=nprobe, ef_search=ef_search
     )

@@ -127,12 +127,17 @@ class Predictor:
         self.class_names: list[str] = list(self.info.class_names)
         self.transform = self.info.eval_transform()
         self.index = None
+        self.index_dir = Path(index_dir) if index_dir is not None else None
         self.embed_model: CarModel | None = None
+        # Held while a batch runs and while enrolment swaps the index: never a half-updated gallery.
+        self.lock = threading.RLock()
+        self.open: Any = None  # retrieval.open_classify.OpenClassifier when the gallery adds classes
         if index_dir is not None:
             from carspotter.retrieval.index import GalleryIndex
 
             self.index = GalleryIndex.load(index_dir)
             self.embed_model = self._embedding_model()
+            self._refresh_open()
         self.batcher = MicroBatcher({"classify": self.classify_batch, "search": self.search_batch}, max_batch)
 
     # ---- set-up -------------------------------------------------------------------------------------------
@@ -158,24 +163,74 @@ class Predictor:
         assert self.index is not None
         return embed_queries(self.index, model, images, self.device)
 
+    # ---- the open catalogue (retrieval.catalogue): enrolled classes join the answers -------------------
+    def _refresh_open(self) -> None:
+        """Answer over trained + gallery classes when the gallery knows classes the classifier does not."""
+        from carspotter.retrieval.open_classify import OpenClassifier
+
+        has_clf = self.info.num_classes > 0
+        oc = OpenClassifier(self.index, self.class_names if has_clf else None) if self.index is not None else None
+        self.open = oc if oc is not None and (not has_clf or oc.extends_classifier) else None
+
+    @property
+    def answer_names(self) -> list[str]:
+        """The classes /api/classify answers with (class_id = position here)."""
+        return self.open.names if self.open is not None else self.class_names
+
+    def enrol(self, photos: list[Any], add_to_existing: bool = False) -> Any:
+        """Enrol photos (retrieval.catalogue.Photo) into the served index; searches wait, then see it all."""
+        from carspotter.retrieval.catalogue import enrol
+
+        assert self.index_dir is not None and self.embed_model is not None
+        with self.lock:
+            res, index = enrol(
+                self.index_dir, photos, add_to_existing=add_to_existing, device=self.device, model=self.embed_model
+            )
+            self.index = index
+            self._refresh_open()
+        return res
+
+    def unenrol(self, class_name: str) -> int:
+        from carspotter.retrieval.catalogue import unenrol
+
+        assert self.index_dir is not None
+        with self.lock:
+            n, index = unenrol(self.index_dir, class_name)
+            self.index = index
+            self._refresh_open()
+        return n
+
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
     def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
-        probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
+        with self.lock:
+            x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
+            names = self.answer_names
+            if self.open is None:
+                probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
+            else:
+                clf = torch.softmax(self.model(x).float(), dim=1).cpu().numpy() if self.open.clf_names else None
+                q = self._embed(self.embed_model, images)  # type: ignore[arg-type]
+                probs = torch.from_numpy(self.open.probs(clf, q))  # (B, U) over trained + gallery classes
         top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
         return [
             [
-                {"class_id": int(i), "class_name": self.class_names[int(i)], "probability": float(p)}
+                {"class_id": int(i), "class_name": names[int(i)], "probability": float(p)}
                 for p, i in zip(top_p[b, :k].tolist(), top_i[b, :k].tolist(), strict=True)
             ]
             for b, k in enumerate(ks)
         ]
 
     def search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
+        with self.lock:
+            return self._search_batch(images, ks)
+
+    def _search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
         assert self.index is not None and self.embed_model is not None
         q = np.ascontiguousarray(self._embed(self.embed_model, images), dtype=np.float32)  # (B, D)
         kmax = min(max(ks), len(self.index.meta))
+        # the class_id /api/classify uses for the same class (positions in the union when it is open)
+        ids_by_name = {n: i for i, n in enumerate(self.open.names)} if self.open is not None else {}
         dist, ids = self.index.search(q, kmax)  # (B, kmax) each
         out = []
         for b, k in enumerate(ks):
@@ -187,7 +242,7 @@ class Predictor:
                 hits.append(
                     {
                         "id": int(i),
-                        "class_id": int(m["label"]),
+                        "class_id": ids_by_name.get(str(m["class_name"]), int(m["label"])),
                         "class_name": str(m["class_name"]),
                         "distance": float(d),
                         "thumbnail_url": f"/api/gallery/{int(i)}",
