@@ -135,7 +135,9 @@ def snapshot(index_dir: Path) -> tuple[list, np.ndarray, str]:
     return idx.meta, idx.search(q, 3)[1], (index_dir / "index.faiss").read_bytes().hex()[:4000]
 
 
-@pytest.mark.parametrize(("index_type", "metric"), [("Flat", "euclidean"), ("HNSW8", "cosine"), ("IVF2,Flat", "euclidean")])
+@pytest.mark.parametrize(
+    ("index_type", "metric"), [("Flat", "euclidean"), ("HNSW8", "cosine"), ("IVF2,Flat", "euclidean")]
+)
 def test_enrol_appends_and_unenrol_restores(tiny, tmp_path: Path, index_type: str, metric: str) -> None:
     import faiss
 
@@ -146,7 +148,7 @@ def test_enrol_appends_and_unenrol_restores(tiny, tmp_path: Path, index_type: st
     cent0 = ivf0.quantizer.reconstruct_n(0, ivf0.nlist) if ivf0 is not None else None
 
     # class 5's test photos (not in the train gallery) enrolled as a brand-new name
-    res, after = cat.enrol(idx_dir, new_photos(tiny, 5, range(6, 8), "Tesla Model 3 2024"))
+    res, _after = cat.enrol(idx_dir, new_photos(tiny, 5, range(6, 8), "Tesla Model 3 2024"))
     assert res.added == {"Tesla Model 3 2024": 2} and res.new_classes == ["Tesla Model 3 2024"]
     loaded = GalleryIndex.load(idx_dir)
     assert loaded.index.ntotal == n0 + 2 and len(loaded.meta) == n0 + 2
@@ -254,7 +256,9 @@ def test_open_classification_names_enrolled_classes(tiny, tmp_path: Path) -> Non
     four = make_tiny_prepared(tmp_path / "four", n_classes=4, per_class=8)  # classes 0-3 of `tiny`, as is
     idx_dir = build({**tiny, "data": four}, tmp_path / "idx")
     # neither the 4-class run nor its gallery has seen classes 4 and 5; enrol 2 photos of each, new names
-    cat.enrol(idx_dir, new_photos(tiny, 4, range(4, 6), "New Four") + new_photos(tiny, 5, range(4, 6), "New Five"))
+    cat.enrol(
+        idx_dir, new_photos(tiny, 4, range(4, 6), "New Four") + new_photos(tiny, 5, range(4, 6), "New Five")
+    )
     imgs = tiny["data"] / "images"
     out = predict_with_index(tiny["run"], idx_dir, [imgs / "c4_007.jpg", imgs / "c5_007.jpg"], k=3)
     assert [o["top"][0]["class_name"] for o in out] == ["New Four", "New Five"]
@@ -268,9 +272,13 @@ def test_cli_enrol_classes_fewshot(tiny, tmp_path: Path) -> None:
 
     idx_dir = build(tiny, tmp_path / "idx")
     app, r = build_app(), CliRunner()
-    res = r.invoke(app, ["enrol", str(idx_dir), "--class", "Cli Car", str(tiny["data"] / "images" / "c5_007.jpg")])
+    res = r.invoke(
+        app, ["enrol", str(idx_dir), "--class", "Cli Car", str(tiny["data"] / "images" / "c5_007.jpg")]
+    )
     assert res.exit_code == 0 and "enrolled 1 photo(s) as 'Cli Car' (new class)" in res.output, res.output
-    res = r.invoke(app, ["enrol", str(idx_dir), "--class", "Cli Car", str(tiny["data"] / "images" / "c5_006.jpg")])
+    res = r.invoke(
+        app, ["enrol", str(idx_dir), "--class", "Cli Car", str(tiny["data"] / "images" / "c5_006.jpg")]
+    )
     assert res.exit_code == 2 and "--add-to-existing" in res.output
     res = r.invoke(app, ["classes", str(idx_dir), "--json"])
     rows = {x["name"]: x for x in json.loads(res.output)}

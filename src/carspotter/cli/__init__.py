@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import typer
 
-from carspotter.cli import catalogue_cmds, data_cmds, export_cmds, report_cmds, retrieval_cmds, serve_cmds, train_cmds
+from carspotter.cli import (
+    catalogue_cmds,
+    data_cmds,
+    export_cmds,
+    report_cmds,
+    retrieval_cmds,
+    serve_cmds,
+    train_cmds,
+)
 
 
 def build_app() -> typer.Typer:

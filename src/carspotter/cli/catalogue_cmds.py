@@ -26,7 +26,9 @@ def _relaunch_if(nproc: int) -> bool:
 @friendly_errors
 def enrol(
     index_dir: Path = typer.Argument(..., help="An index directory (from `carspotter index`)."),
-    photos: list[Path] = typer.Argument(..., help="Photos or folders; without --class, folders of class folders."),
+    photos: list[Path] = typer.Argument(
+        ..., help="Photos or folders; without --class, folders of class folders."
+    ),
     class_name: str | None = typer.Option(None, "--class", help="The class to enrol the photos under."),
     add_to_existing: bool = typer.Option(
         False, "--add-to-existing", help="Confirm adding photos to a class the gallery already has."
@@ -45,8 +47,13 @@ def enrol(
     dist, dev = init_distributed(device)
     try:
         items = photos_from_paths(class_name, photos)
-        res, index = do_enrol(
-            index_dir, items, add_to_existing=add_to_existing, device=str(dev), batch_size=batch_size, dist=dist
+        res, _index = do_enrol(
+            index_dir,
+            items,
+            add_to_existing=add_to_existing,
+            device=str(dev),
+            batch_size=batch_size,
+            dist=dist,
         )
     finally:
         cleanup(dist)

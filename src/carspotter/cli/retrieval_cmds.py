@@ -40,7 +40,9 @@ def index(
     num_workers: int = typer.Option(0, "--num-workers"),
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index directory."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Embed in N processes under torchrun; rank 0 writes."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Embed in N processes under torchrun; rank 0 writes."
+    ),
 ) -> None:
     """Embed the photos of a prepared split and save a FAISS index with their metadata."""
     from carspotter.cli.catalogue_cmds import _relaunch_if

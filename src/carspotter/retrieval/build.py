@@ -48,11 +48,11 @@ def build_index_from_run(
     """
     from torch.utils.data import Subset
 
-    from carspotter.engine.distributed import DistInfo
-    from carspotter.retrieval.sharded import embed_sharded
     from carspotter.engine.checkpoint import load_run
+    from carspotter.engine.distributed import DistInfo
     from carspotter.retrieval.embed import embed_dataset, eval_transform
     from carspotter.retrieval.knn import _splits_dataset
+    from carspotter.retrieval.sharded import embed_sharded
 
     dist = dist or DistInfo()
     if out_dir is not None and dist.is_main:

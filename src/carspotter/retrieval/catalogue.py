@@ -182,7 +182,9 @@ def list_classes(index_dir: str | Path, index: GalleryIndex | None = None) -> li
     index_dir = Path(index_dir)
     index = index or GalleryIndex.load(index_dir)
     cat = read_catalogue(index_dir)
-    built = datetime.fromtimestamp((index_dir / "index.json").stat().st_mtime, UTC).isoformat(timespec="seconds")
+    built = datetime.fromtimestamp((index_dir / "index.json").stat().st_mtime, UTC).isoformat(
+        timespec="seconds"
+    )
     built = index.info.get("built_at") or built
     trained = set(index.info.get("class_names_model") or [])
     counts: dict[str, list[int]] = {}  # name → [label, indexed photos, enrolled photos]
@@ -293,7 +295,7 @@ def commit(
     stage = index_dir.parent / f".{index_dir.name}.stage-{uuid.uuid4().hex[:12]}"
     stage.mkdir()
     try:
-        for dirpath, dirnames, filenames in os.walk(index_dir):
+        for dirpath, _dirnames, filenames in os.walk(index_dir):
             rel_dir = Path(dirpath).relative_to(index_dir)
             (stage / rel_dir).mkdir(exist_ok=True)
             for name in filenames:
@@ -381,7 +383,9 @@ def plan_enrolment(
             )
         h = p.sha256
         if h in seen:
-            res.duplicates.append(f"{p.source}: refused, the same photo is already in the gallery as {seen[h]!r}")
+            res.duplicates.append(
+                f"{p.source}: refused, the same photo is already in the gallery as {seen[h]!r}"
+            )
             continue
         seen[h] = name
         if name in existing:
@@ -438,10 +442,8 @@ def apply_enrolment(
     for p, label in zip(plan.photos, plan.labels, strict=True):
         rel = f"{ENROLLED_DIR}/{p.sha256[:20]}.jpg"
         files[rel] = _resized_jpeg(decode(p.data, p.source))
-        index.meta.append(
-            {"path": rel, "label": label, "class_name": p.class_name, "split": "enrolled", "root": ROOT_INDEX,
-             "sha256": p.sha256}  # fmt: skip
-        )
+        row = {"path": rel, "label": label, "class_name": p.class_name, "split": "enrolled"}
+        index.meta.append({**row, "root": ROOT_INDEX, "sha256": p.sha256})
         while len(names) <= label:
             names.append("")
         if not names[label]:

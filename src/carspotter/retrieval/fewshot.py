@@ -78,9 +78,7 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v)))
 
 
-def sample_episode(
-    labels: np.ndarray, shots: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def sample_episode(labels: np.ndarray, shots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(support ids, query ids): `shots` random photos of every class with more than `shots`, the rest query."""
     labels = np.asarray(labels)
     support, query = [], []
@@ -121,7 +119,12 @@ def run_episodes(
                 pred = fn(emb[sup], labels[sup], emb[qry], mean)
                 accs[m].append(float((pred == labels[qry]).mean()))
             n_classes, n_queries = len(np.unique(labels[sup])), len(qry)
-        row: dict[str, Any] = {"shots": int(s), "episodes": episodes, "classes": n_classes, "queries": n_queries}
+        row: dict[str, Any] = {
+            "shots": int(s),
+            "episodes": episodes,
+            "classes": n_classes,
+            "queries": n_queries,
+        }
         for m in METHODS:
             mu, ci = mean_ci95(accs[m])
             row[m] = {"accuracy": mu, "ci95": ci, "per_episode": accs[m]}

@@ -29,14 +29,18 @@ def read_admin_token(path: str | Path) -> bytes:
     lines = p.read_text(encoding="utf-8").strip().splitlines()
     token = lines[0].strip() if lines else ""
     if len(token) < 16:
-        raise ValueError(f"--admin-token-file {p}: the token must be at least 16 characters (got {len(token)})")
+        raise ValueError(
+            f"--admin-token-file {p}: the token must be at least 16 characters (got {len(token)})"
+        )
     return token.encode("utf-8")
 
 
 def require_admin(request: Request) -> None:
     token = request.app.state.service.admin_token
     if token is None:
-        raise HTTPException(403, "enrolment is off: start the server with --admin-token-file PATH to enable it")
+        raise HTTPException(
+            403, "enrolment is off: start the server with --admin-token-file PATH to enable it"
+        )
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise HTTPException(401, "admin token required: send 'Authorization: Bearer <token>'",

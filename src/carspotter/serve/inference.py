@@ -169,7 +169,11 @@ class Predictor:
         from carspotter.retrieval.open_classify import OpenClassifier
 
         has_clf = self.info.num_classes > 0
-        oc = OpenClassifier(self.index, self.class_names if has_clf else None) if self.index is not None else None
+        oc = (
+            OpenClassifier(self.index, self.class_names if has_clf else None)
+            if self.index is not None
+            else None
+        )
         self.open = oc if oc is not None and (not has_clf or oc.extends_classifier) else None
 
     @property
@@ -184,7 +188,11 @@ class Predictor:
         assert self.index_dir is not None and self.embed_model is not None
         with self.lock:
             res, index = enrol(
-                self.index_dir, photos, add_to_existing=add_to_existing, device=self.device, model=self.embed_model
+                self.index_dir,
+                photos,
+                add_to_existing=add_to_existing,
+                device=self.device,
+                model=self.embed_model,
             )
             self.index = index
             self._refresh_open()
@@ -209,7 +217,9 @@ class Predictor:
             if self.open is None:
                 probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
             else:
-                clf = torch.softmax(self.model(x).float(), dim=1).cpu().numpy() if self.open.clf_names else None
+                clf = (
+                    torch.softmax(self.model(x).float(), dim=1).cpu().numpy() if self.open.clf_names else None
+                )
                 q = self._embed(self.embed_model, images)  # type: ignore[arg-type]
                 probs = torch.from_numpy(self.open.probs(clf, q))  # (B, U) over trained + gallery classes
         top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
