@@ -40,7 +40,10 @@ def index(base: dict[str, Path], tmp_path: Path) -> Path:
 
 
 def files(base: dict[str, Path], cls: int, ids: range) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("file", (f"c{cls}_{i}.jpg", (base["photos"] / f"c{cls}_{i:03d}.jpg").read_bytes(), "image/jpeg")) for i in ids]
+    return [
+        ("file", (f"c{cls}_{i}.jpg", (base["photos"] / f"c{cls}_{i:03d}.jpg").read_bytes(), "image/jpeg"))
+        for i in ids
+    ]
 
 
 def state(index: Path) -> tuple[bytes, bytes]:
@@ -108,7 +111,9 @@ def test_enrol_needs_the_token_then_survives_restart(base, index: Path) -> None:
         assert top["class_name"] == "New Five"
         r = c.delete("/api/enrol/New Five", headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 200 and r.json()["removed"] == 4
-        assert c.delete("/api/enrol/New Five", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+        assert (
+            c.delete("/api/enrol/New Five", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+        )
         assert "New Five" not in [x["name"] for x in c.get("/api/classes").json()["classes"]]
     assert state(index)[0] != before[0]  # sha256 column added, otherwise the same rows
     assert len(GalleryIndex.load(index).meta) == n0
