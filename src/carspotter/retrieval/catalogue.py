@@ -128,7 +128,7 @@ def parse_taxonomy(name: str) -> dict[str, Any] | None:
         from carspotter.data import taxonomy  # type: ignore[attr-defined]
     except ImportError:
         return None
-    parse = getattr(taxonomy, "parse_class_name", None) or getattr(taxonomy, "parse", None)
+    parse = getattr(taxonomy, "describe", None) or getattr(taxonomy, "parse_name", None)
     if parse is None:
         return None
     try:
