@@ -50,18 +50,17 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     names = sorted({r.class_name for r in recs})
     chosen = sorted(rng.choice(names, args.classes, replace=False).tolist())
-    enrol_dir, rest = work / "enrol", []
+    to_enrol, rest = [], []  # Photo objects, not class folders: names like "Ram C/V Cargo Van" hold a "/"
     for name in chosen:
         photos = [r for r in recs if r.class_name == name]
         pick = set(rng.choice(len(photos), args.shots, replace=False).tolist())
-        (enrol_dir / name).mkdir(parents=True)
         for i, r in enumerate(photos):
             if i in pick:
-                shutil.copy(data / r.path, enrol_dir / name / Path(r.path).name)
+                to_enrol += photos_from_paths(name, [data / r.path])
             else:
                 rest.append((data / r.path, name))
     t0 = time.perf_counter()
-    res, _ = enrol(index_dir, photos_from_paths(None, [enrol_dir]))
+    res, _ = enrol(index_dir, to_enrol)
     t_enrol = time.perf_counter() - t0
     # every other photo of the 10 classes, embedded once: nearest-centroid over the union (the answer of
     # `predict --index` / `serve` for a run without a classifier) and 1-NN over the same gallery

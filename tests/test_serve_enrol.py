@@ -193,3 +193,16 @@ def test_teach_panel_in_headless_chromium(base, index: Path, tmp_path: Path) -> 
         finally:
             browser.close()
     assert "Browser Car" in (index / "meta.csv").read_text()
+
+
+def test_class_names_with_a_slash(base, index: Path) -> None:
+    """Real Stanford Cars names hold slashes ("Ram C/V Cargo Van Minivan 2012"): enrol and delete them."""
+    app = create_app(base["run"], index, admin_token_file=base["token"])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    name = "Ram C/V Cargo Van Minivan 2012"
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/api/enrol", data={"class": name}, files=files(base, 4, range(2)), headers=auth)
+        assert r.status_code == 200 and r.json()["class"] == name
+        assert name in [x["name"] for x in c.get("/api/classes").json()["classes"]]
+        r = c.delete("/api/enrol/" + name.replace("/", "%2F"), headers=auth)
+        assert r.status_code == 200 and r.json()["removed"] == 2, r.text

@@ -91,7 +91,7 @@ async def enrol(request: Request) -> dict[str, Any]:
     }
 
 
-@router.delete("/api/enrol/{class_name}", summary="Remove an enrolled class (admin token)")
+@router.delete("/api/enrol/{class_name:path}", summary="Remove an enrolled class (admin token)")
 async def unenrol(request: Request, class_name: str) -> dict[str, Any]:
     from carspotter.retrieval.catalogue import CatalogueError
 
