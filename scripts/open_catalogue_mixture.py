@@ -38,7 +38,7 @@ def main() -> None:
 
     from carspotter.data.images import open_rgb
     from carspotter.data.manifest import read_manifest
-    from carspotter.engine.checkpoint import load_run
+    from carspotter.models.loading import load_run
     from carspotter.retrieval.build import build_index_from_run
     from carspotter.retrieval.catalogue import (
         EnrolResult,
@@ -55,10 +55,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model, info = load_run(args.run)
     index = build_index_from_run(model, data, args.gallery_split, "cosine", "Flat")  # in memory
-    index.info.update(resize_size=info.resize_size, crop_mode=info.crop_mode)
     recs = read_manifest(data)
     test = [r for r in recs if r.split == "test"]
-    tf = info.eval_transform()
+    tf = model.preprocess.transform()
 
     def run_queries(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         """Classifier probabilities and gallery embeddings of photos, in chunks of 64."""

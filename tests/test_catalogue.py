@@ -260,9 +260,21 @@ def test_open_classification_names_enrolled_classes(tiny, tmp_path: Path) -> Non
         idx_dir, new_photos(tiny, 4, range(4, 6), "New Four") + new_photos(tiny, 5, range(4, 6), "New Five")
     )
     imgs = tiny["data"] / "images"
-    out = predict_with_index(tiny["run"], idx_dir, [imgs / "c4_007.jpg", imgs / "c5_007.jpg"], k=3)
+    paths = [imgs / "c4_007.jpg", imgs / "c5_007.jpg"]
+    # the gallery's own answer (w = 1) names the enrolled classes for other photos of them
+    out = predict_with_index(tiny["run"], idx_dir, paths, k=3, gallery_weight=1.0)
     assert [o["top"][0]["class_name"] for o in out] == ["New Four", "New Five"]
-    assert all(abs(sum(t["prob"] for t in o["top"]) - 1) < 0.5 for o in out)
+    # the mixture answers over the union (4 trained + 2 enrolled): a distribution over all 6
+    out = predict_with_index(tiny["run"], idx_dir, paths, k=10, gallery_weight=0.5)
+    assert all(len(o["top"]) == 6 and abs(sum(t["prob"] for t in o["top"]) - 1) < 1e-4 for o in out)
+    assert {t["class_name"] for t in out[0]["top"]} == {
+        "Class 0",
+        "Class 1",
+        "Class 2",
+        "Class 3",
+        "New Four",
+        "New Five",
+    }
 
 
 def test_cli_enrol_classes_fewshot(tiny, tmp_path: Path) -> None:

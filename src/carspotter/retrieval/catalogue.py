@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from carspotter.retrieval.index import GalleryIndex, GalleryIndexError
+from carspotter.rundir import CATALOGUE_JSON as CATALOGUE_FILE
+from carspotter.rundir import ENROLLED_DIR, INDEX_FILES, INDEX_JSON
 from carspotter.utils import atomic_write_json
 
-CATALOGUE_FILE = "catalogue.json"
-ENROLLED_DIR = "enrolled"
-REWRITTEN = ("index.faiss", "meta.csv", "index.json", CATALOGUE_FILE)
+REWRITTEN = (*INDEX_FILES, CATALOGUE_FILE)
 PHOTO_MAX_SIDE = 512  # stored copies: big enough for a thumbnail and to re-embed at 448 px
 ROOT_INDEX = "index"  # meta.csv `root` of a row whose path is relative to the index dir
 
@@ -182,7 +182,7 @@ def list_classes(index_dir: str | Path, index: GalleryIndex | None = None) -> li
     index_dir = Path(index_dir)
     index = index or GalleryIndex.load(index_dir)
     cat = read_catalogue(index_dir)
-    built = datetime.fromtimestamp((index_dir / "index.json").stat().st_mtime, UTC).isoformat(
+    built = datetime.fromtimestamp((index_dir / INDEX_JSON).stat().st_mtime, UTC).isoformat(
         timespec="seconds"
     )
     built = index.info.get("built_at") or built
@@ -290,7 +290,7 @@ def commit(
     """
     index_dir = Path(index_dir).resolve()
     if "built_at" not in index.info:  # keep the build date of the indexed classes past the first rewrite
-        mtime = (index_dir / "index.json").stat().st_mtime
+        mtime = (index_dir / INDEX_JSON).stat().st_mtime
         index.info["built_at"] = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
     stage = index_dir.parent / f".{index_dir.name}.stage-{uuid.uuid4().hex[:12]}"
     stage.mkdir()
@@ -474,11 +474,10 @@ def enrol(
     writer lock, every rank embeds its shard of the photos, rank 0 gathers the vectors and commits. Other
     ranks return (result, None).
     """
-    from carspotter.engine.distributed import DistInfo, broadcast_object
     from carspotter.retrieval.query import embedder_for_index
-    from carspotter.retrieval.sharded import embed_sharded
+    from carspotter.retrieval.sharded import SINGLE, broadcast, embed_sharded
 
-    dist = dist or DistInfo()
+    dist = dist or SINGLE
     index_dir = Path(index_dir)
     lock = writer_lock(index_dir) if dist.is_main else contextlib.nullcontext()
     with lock:
@@ -491,7 +490,7 @@ def enrol(
                 msg = (plan.kept, plan.labels, plan.result)
             except (CatalogueError, ValueError) as e:
                 msg = f"{type(e).__name__}:{e}"
-        msg = broadcast_object(msg, dist)
+        msg = broadcast(msg, dist)
         if isinstance(msg, str):
             kind, _, text = msg.partition(":")
             raise CatalogueError(text) if kind == "CatalogueError" else ValueError(text)

@@ -63,7 +63,7 @@ def one_nn(
     support: np.ndarray, support_labels: np.ndarray, queries: np.ndarray, mean: np.ndarray | None = None
 ) -> np.ndarray:
     """Predicted labels (Q,): the label of the single nearest support vector (same CL2N space), exact FAISS."""
-    from carspotter.retrieval.knn import faiss_search
+    from carspotter.retrieval.search import faiss_search
 
     mean = centre_of(support) if mean is None else mean
     _, ids = faiss_search(cl2n(support, mean), cl2n(queries, mean), 1, "euclidean")
@@ -205,11 +205,12 @@ def embed_split(
 
     The episodes then run on these cached vectors (no photo is embedded twice).
     """
+    import dataclasses
     import time
     from pathlib import Path
 
-    from carspotter.retrieval.embed import embed_dataset, eval_transform
-    from carspotter.retrieval.knn import _splits_dataset
+    from carspotter.data.dataset import splits_dataset
+    from carspotter.retrieval.embed import embed_dataset
     from carspotter.utils import resolve_device
 
     dev = resolve_device(device)
@@ -218,29 +219,33 @@ def embed_split(
     if (target is None) == (backbone is None):
         raise ValueError("give either RUN_OR_INDEX or --backbone NAME (with --weights PATH when offline)")
     if backbone is not None:
-        from carspotter.retrieval.build import backbone_model
+        from carspotter.models.loading import backbone_model
 
         model = backbone_model(backbone, weights, img_size)
-        tf = eval_transform(model, None, crop_mode or "center")
-        about.update(backbone=backbone, weights=weights, img_size=img_size, crop_mode=crop_mode or "center")
+        pre = model.preprocess
+        about.update(backbone=backbone, weights=weights, img_size=img_size)
     elif (Path(target) / "index.json").is_file():  # type: ignore[arg-type]
         from carspotter.retrieval.index import GalleryIndex
-        from carspotter.retrieval.query import embedder_for_index, query_transform
+        from carspotter.retrieval.query import embedder_for_index, index_preprocess
 
         index = GalleryIndex.load(target)  # type: ignore[arg-type]
         model = embedder_for_index(index, dev)
-        tf = query_transform(index, model)
+        pre = index_preprocess(index, model)
         source = index.info.get("embed_source") or "auto"
         about.update(index=str(Path(target).resolve()))  # type: ignore[arg-type]
     elif (Path(target) / "model.json").is_file():  # type: ignore[arg-type]
-        from carspotter.engine.checkpoint import load_run
+        from carspotter.models.loading import load_run
 
-        model, info = load_run(target, dev)  # type: ignore[arg-type]
-        tf = eval_transform(model, info.resize_size, crop_mode or info.crop_mode)
+        model, _ = load_run(target, dev)  # type: ignore[arg-type]
+        pre = model.preprocess
         about.update(run=str(Path(target).resolve()))  # type: ignore[arg-type]
     else:
         raise FileNotFoundError(f"{target}: neither a run directory (model.json) nor an index (index.json)")
-    ds = _splits_dataset(data_dir, split, tf)
+    if crop_mode is not None:
+        pre = dataclasses.replace(pre, crop_mode=crop_mode)
+    about["preprocess"] = pre.to_dict()
+    tf = pre.transform()
+    ds = splits_dataset(data_dir, split, tf)
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()

@@ -84,7 +84,7 @@ def predict_with_index(
     `label` is the position in the union (the run's classes first, then the gallery's other classes).
     """
     from carspotter.data.images import open_rgb
-    from carspotter.engine.checkpoint import load_run
+    from carspotter.models.loading import load_run
     from carspotter.retrieval.query import embed_queries, embedder_for_index
 
     model, info = load_run(run_dir, device)
@@ -97,7 +97,7 @@ def predict_with_index(
     images = [open_rgb(Path(p)) for p in paths]
     clf = None
     if has_clf:
-        tf = info.eval_transform()
+        tf = model.preprocess.transform()
         x = torch.stack([tf(im) for im in images]).to(device)
         with torch.inference_mode():
             clf = model(x).float().softmax(dim=1).cpu().numpy()

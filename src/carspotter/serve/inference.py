@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.models.factory import CarModel
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Predictor:
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
         self.class_names: list[str] = list(self.info.class_names)
-        self.transform = self.info.eval_transform()
+        self.transform = self.model.preprocess.transform()
         self.index = None
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.embed_model: CarModel | None = None
