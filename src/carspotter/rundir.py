@@ -16,6 +16,7 @@ RUN_DIR/
 INDEX_DIR/
   index.faiss, meta.csv, index.json (metric, index type, dim, n, the embedder and its preprocessing)
   embedder.safetensors          a bare backbone's weights when they were downloaded (not a local file)
+  catalogue.json, enrolled/     `carspotter enrol`: enrolled classes, copies of their photos (retrieval.catalogue)
   metrics.json                  `evaluate INDEX` (the indexed photos against each other)
   metrics_<split>_knn<k>[_<weighting>][@<data>].json                       `evaluate INDEX --knn`
 
@@ -57,6 +58,8 @@ META_CSV = "meta.csv"
 INDEX_METRICS = "metrics.json"
 EMBEDDER = "embedder.safetensors"  # a bare backbone's downloaded weights, so loading never downloads
 INDEX_FILES = (INDEX_FAISS, META_CSV, INDEX_JSON)
+CATALOGUE_JSON = "catalogue.json"  # enrolled classes (retrieval.catalogue, `carspotter enrol`)
+ENROLLED_DIR = "enrolled"  # resized copies of enrolled photos; meta.csv rows with root=index point here
 
 # Preprocessing keys of model.json / index.json written before Preprocess was complete.
 _PRE_DEFAULTS: dict[str, Any] = {

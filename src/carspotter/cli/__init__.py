@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from carspotter.cli import (
+    catalogue_cmds,
     data_cmds,
     explain_cmds,
     export_cmds,
@@ -27,8 +28,8 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    cmds = (data_cmds, train_cmds, trust_cmds, retrieval_cmds, explain_cmds, report_cmds, serve_cmds, export_cmds)
-    for mod in cmds:
+    cmds = (data_cmds, train_cmds, trust_cmds, retrieval_cmds, catalogue_cmds, explain_cmds, report_cmds)
+    for mod in (*cmds, serve_cmds, export_cmds):
         mod.register(app)
     return app
 

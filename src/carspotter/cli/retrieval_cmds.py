@@ -40,9 +40,17 @@ def index(
     num_workers: int = typer.Option(0, "--num-workers"),
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index directory."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Embed in N processes under torchrun; rank 0 writes."
+    ),
 ) -> None:
     """Embed the photos of a prepared split and save a FAISS index with their metadata."""
+    from carspotter.cli.catalogue_cmds import _relaunch_if
+    from carspotter.engine.distributed import cleanup, init_distributed
     from carspotter.retrieval.build import backbone_model, build_index_from_run
+
+    if _relaunch_if(nproc):
+        return
 
     if (run_dir is None) == (backbone is None):
         raise ValueError("give either RUN_DIR or --backbone NAME (with --weights PATH when offline)")
@@ -55,23 +63,30 @@ def index(
         if out is None:
             raise ValueError("--out is required with --backbone")
         model_info = {"backbone": backbone, "weights": str(Path(weights).resolve()) if weights else None}
-    idx = build_index_from_run(
-        target,  # type: ignore[arg-type]
-        data,
-        split,
-        metric,
-        index_type,
-        out,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        source=source,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        overwrite=overwrite,
-        model_info=model_info,
-        crop_mode=crop_mode,
-    )
+    dist, dev = init_distributed(device)
+    try:
+        idx = build_index_from_run(
+            target,  # type: ignore[arg-type]
+            data,
+            split,
+            metric,
+            index_type,
+            out,
+            batch_size=batch_size,
+            device=str(dev),
+            num_workers=num_workers,
+            source=source,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            overwrite=overwrite,
+            model_info=model_info,
+            crop_mode=crop_mode,
+            dist=dist,
+        )
+    finally:
+        cleanup(dist)
+    if idx is None:  # not rank 0
+        return
     info = idx.info
     typer.echo(
         f"indexed {info['n']} photos ({info['dim']}-d, {metric}, {index_type}) "
@@ -92,6 +107,7 @@ def search(
     from rich.table import Table
 
     from carspotter.data.images import open_rgb
+    from carspotter.retrieval.catalogue import photo_path
     from carspotter.retrieval.index import GalleryIndex
     from carspotter.retrieval.query import embed_queries, embedder_for_index
 
@@ -100,7 +116,6 @@ def search(
     photos = [open_rgb(p) for p in images]
     q = embed_queries(idx, model, photos, device)  # (Q, D)
     dists, ids = idx.search(q, k)
-    root = Path(idx.info.get("data_root", "."))
     for path, drow, irow in zip(images, dists, ids, strict=True):
         t = Table(title=str(path), title_justify="left")
         for h in ("#", "distance", "class", "photo"):
@@ -109,7 +124,7 @@ def search(
             if i < 0:
                 continue
             m = idx.meta[int(i)]
-            t.add_row(str(rank), f"{d:.4f}", m["class_name"], str(root / m["path"]))
+            t.add_row(str(rank), f"{d:.4f}", m["class_name"], str(photo_path(index_dir, idx, int(i))))
         Console().print(t)
 
 

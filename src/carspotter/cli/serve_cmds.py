@@ -50,6 +50,9 @@ def serve(
         "--allow-host",
         help="A Host name clients may use besides localhost and the bind address (repeatable; '*' = any).",
     ),
+    admin_token_file: Path | None = typer.Option(
+        None, "--admin-token-file", help="Enable POST/DELETE /api/enrol for callers with this file's token."
+    ),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
@@ -81,6 +84,7 @@ def serve(
         max_batch=max_batch,
         zoom=ZoomSettings(zoom_combine) if zoom else None,
         allowed_hosts=allowed_hosts_for(host, allow_host),
+        admin_token_file=admin_token_file,
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

@@ -127,14 +127,32 @@ def _strip_make(name: str, make: str) -> str:
 
 
 def build_answers(
-    logits: torch.Tensor, class_names: list[str], cal: Calibration, k: int = 5, hier: Hierarchy | None = None
+    logits: torch.Tensor | None,
+    class_names: list[str],
+    cal: Calibration,
+    k: int = 5,
+    hier: Hierarchy | None = None,
+    probs: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """One answer dict per row of `logits` (see the module docstring)."""
+    """One answer dict per row of `logits` (see the module docstring).
+
+    `probs` instead of `logits`: probabilities over classes the classifier alone does not cover (a run's
+    classes ∪ a gallery's enrolled ones); the open-set decision is then the max-probability score against
+    the run's "msp" threshold, the one score that means the same over any set of classes.
+    """
     hier = hier or Hierarchy.from_names(class_names)
-    probs_t = cal.probs(logits)
+    kind = cal.open_set_score
+    if probs is None:
+        assert logits is not None
+        probs_t = cal.probs(logits)
+        scores = cal.scores(logits).numpy()
+        unknown = cal.unknown(logits).numpy()
+    else:
+        probs_t, kind = probs, "msp"
+        scores = probs.max(dim=1).values.double().numpy()
+        t_msp = cal.thresholds.get("msp")
+        unknown = scores < t_msp if t_msp is not None else np.zeros(len(scores), dtype=bool)
     probs = probs_t.double().numpy()
-    scores = cal.scores(logits).numpy()
-    unknown = cal.unknown(logits).numpy()
     d = hier.decode(probs)
     k = min(k, len(class_names))
     top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -166,8 +184,8 @@ def build_answers(
                 "unknown": bool(unknown[i]),
                 "open_set": {
                     "score": float(scores[i]),
-                    "kind": cal.open_set_score,
-                    "threshold": cal.threshold,
+                    "kind": kind,
+                    "threshold": cal.thresholds.get(kind),
                 },
                 "temperature": cal.temperature,
                 "predictions": [

@@ -33,19 +33,26 @@ def build_index_from_run(
     overwrite: bool = False,
     model_info: dict[str, Any] | None = None,
     crop_mode: str | None = None,
-) -> GalleryIndex:
+    dist: Any = None,
+) -> GalleryIndex | None:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
     `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder;
     when its weights were downloaded (no local file) they are saved beside the index, so loading never downloads.
     The model's `Preprocess` (a run's own, from model.json) is recorded whole in index.json; `crop_mode`
     (center | squash) overrides its crop mode.
+    Under torchrun pass `dist` (engine.distributed.DistInfo): each rank embeds its shard, rank 0 builds and
+    writes the index; other ranks return None.
     """
     import dataclasses
 
-    from carspotter.retrieval.embed import embed_dataset
+    from torch.utils.data import Subset
 
-    if out_dir is not None:
+    from carspotter.retrieval.embed import embed_dataset
+    from carspotter.retrieval.sharded import SINGLE, embed_sharded
+
+    dist = dist or SINGLE
+    if out_dir is not None and dist.is_main:
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker=INDEX_JSON)  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
@@ -62,7 +69,11 @@ def build_index_from_run(
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
-    emb = embed_dataset(model, ds, batch_size, dev, num_workers, source)  # (N, D)
+    emb = embed_sharded(  # (N, D); one shard per torchrun rank
+        lambda ids: embed_dataset(model, Subset(ds, ids.tolist()), batch_size, dev, num_workers, source),
+        len(ds),
+        dist,
+    )
     seconds = time.perf_counter() - t0
     meta = [
         {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in ds.records
@@ -79,6 +90,8 @@ def build_index_from_run(
     )
     if bare_downloaded:
         info["embedder_weights"] = EMBEDDER
+    if not dist.is_main:
+        return None
     index = GalleryIndex.build(
         emb, meta, metric=metric, index_type=index_type, info=info, nprobe=nprobe, ef_search=ef_search
     )

@@ -143,9 +143,15 @@ class GalleryIndex:
         return self.index.reconstruct_n(0, self.index.ntotal)
 
     def save(self, index_dir: str | Path, overwrite: bool = False) -> Path:
+        index_dir = prepare_out_dir(Path(index_dir), overwrite=overwrite, marker=INDEX_JSON)
+        self.write_files(index_dir)
+        self.path = index_dir
+        return index_dir
+
+    def write_files(self, index_dir: Path) -> None:
+        """Write index.faiss, meta.csv and index.json into an existing folder (each file atomically)."""
         import faiss
 
-        index_dir = prepare_out_dir(Path(index_dir), overwrite=overwrite, marker=INDEX_JSON)
         with atomic_path(index_dir / INDEX_FAISS) as tmp:
             faiss.write_index(self.index, str(tmp))
         buf = io.StringIO()
@@ -155,8 +161,6 @@ class GalleryIndex:
         w.writerows(self.meta)
         atomic_write_text(index_dir / META_CSV, buf.getvalue())
         write_index_json(index_dir, self.info)
-        self.path = index_dir
-        return index_dir
 
     @classmethod
     def load(cls, index_dir: str | Path) -> GalleryIndex:

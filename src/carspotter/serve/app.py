@@ -26,8 +26,8 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from carspotter.serve.explain import ExplainService
 from carspotter.explain.zoom import ZoomSettings
+from carspotter.serve.explain import ExplainService
 from carspotter.serve.hosts import DEFAULT_HOSTS, HostAllowListMiddleware
 from carspotter.serve.inference import Busy, Predictor
 from carspotter.serve.uploads import BodyLimitMiddleware, UploadLimits, load_upload, too_large_detail
@@ -50,10 +50,11 @@ Upload = Annotated[UploadFile, File(description="the photo: JPEG, PNG or WebP")]
 class Service:
     """Everything one app instance holds: the predictor, limits, the page, a thumbnail cache."""
 
-    def __init__(self, predictor: Predictor, limits: UploadLimits) -> None:
+    def __init__(self, predictor: Predictor, limits: UploadLimits, admin_token: bytes | None = None) -> None:
         self.predictor = predictor
         self.explainer = ExplainService(predictor, max_batch=predictor.batcher.max_batch)  # its own worker
         self.limits = limits
+        self.admin_token = admin_token  # None: enrolment is off (serve.enrol)
         self.started = time.time()
         self.page = resources.files("carspotter.serve").joinpath("templates/index.html").read_text("utf-8")
         self.thumbnail = lru_cache(maxsize=2048)(self._make_thumbnail)
@@ -64,12 +65,13 @@ class Service:
             raise HTTPException(404, "this server has no gallery index (start it with --index INDEX_DIR)")
         if not 0 <= item_id < len(index.meta):
             raise HTTPException(404, f"no gallery image {item_id}; ids run 0..{len(index.meta) - 1}")
-        if not index.info.get("data_root"):
-            raise HTTPException(404, "this index does not record where its photos are (no data_root)")
-        root = Path(index.info["data_root"]).resolve()
-        path = (root / str(index.meta[item_id]["path"])).resolve()
-        if not path.is_relative_to(root):  # a tampered meta.csv must not expose other files
-            raise HTTPException(404, f"gallery image {item_id} lies outside the gallery folder")
+        from carspotter.retrieval.catalogue import photo_path
+        from carspotter.retrieval.index import GalleryIndexError
+
+        try:  # enrolled photos lie under the index dir, indexed ones under data_root; never outside them
+            path = photo_path(self.predictor.index_dir or ".", index, item_id)
+        except GalleryIndexError as e:  # a tampered meta.csv must not expose other files
+            raise HTTPException(404, str(e)) from None
         if not path.is_file():
             raise HTTPException(404, f"gallery image {item_id} is missing on the server")
         return path
@@ -130,6 +132,7 @@ def health(request: Request) -> dict[str, Any]:
         "temperature": p.calibration.temperature,
         "open_set": {"score": p.calibration.open_set_score, "threshold": p.calibration.threshold},
         "max_upload_mb": svc.limits.max_mb,
+        "enrolment": svc.admin_token is not None and p.index is not None,
         "max_batch": p.batcher.max_batch,
         "explain": True,
         "zoom": p.looker.zoom.combine if p.looker is not None and p.looker.zoom is not None else None,
@@ -142,19 +145,30 @@ def health(request: Request) -> dict[str, Any]:
 @router.get("/api/classes", summary="The class names, in label order")
 def classes(request: Request) -> dict[str, Any]:
     p = _service(request).predictor
-    counts = [0] * len(p.class_names)
-    for m in p.index.meta if p.index is not None else []:
-        if 0 <= int(m["label"]) < len(counts):
-            counts[int(m["label"])] += 1
+    with p.lock:
+        names, index = list(p.answer_names), p.index
+    pos = {n: i for i, n in enumerate(names)}
+    counts, indexed = [0] * len(names), [0] * len(names)
+    for m in index.meta if index is not None else []:
+        i = pos.get(str(m["class_name"]))
+        if i is not None:
+            counts[i] += 1
+            indexed[i] += m.get("root") != "index"  # retrieval.catalogue.ROOT_INDEX marks enrolled photos
+    n_clf = len(p.class_names) if p.info.num_classes > 0 else 0
+    origin = [
+        "trained" if i < n_clf else ("indexed" if indexed[i] else "enrolled") for i in range(len(names))
+    ]
     return {
-        "classes": [{"id": i, "name": n, "gallery_count": counts[i]} for i, n in enumerate(p.class_names)]
+        "classes": [
+            {"id": i, "name": n, "gallery_count": counts[i], "origin": origin[i]} for i, n in enumerate(names)
+        ]
     }
 
 
 @router.post("/api/classify", summary="Make → model → year with calibrated probabilities, or 'unknown'")
 async def classify(request: Request, file: Upload, k: KQuery = None, k_form: KForm = None) -> dict[str, Any]:
     """The same structure as `carspotter predict --json` gives per photo; `predictions` is the top-k."""
-    k = min(k or k_form or 5, len(_service(request).predictor.class_names))
+    k = min(k or k_form or 5, len(_service(request).predictor.answer_names))
     image = await _read_image(request, file)
     t0 = time.perf_counter()
     answer = await _infer(request, "classify", image, k)
@@ -260,12 +274,17 @@ def create_app(
     max_pixels: int = 40_000_000,
     zoom: ZoomSettings | None = None,
     allowed_hosts: list[str] | None = None,
+    admin_token_file: str | Path | None = None,
 ) -> FastAPI:
     """Load the run's model (and the gallery index) now, and return the ASGI app serving them.
 
     `allowed_hosts`: Host header names accepted (default: localhost and the loopback addresses); any
     other Host is refused, so a DNS-rebinding page in a browser cannot read the API.
+    `admin_token_file` turns on enrolment (serve.enrol) for callers that present its token.
     """
+    from carspotter.serve import enrol
+
+    token = enrol.read_admin_token(admin_token_file) if admin_token_file is not None else None
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
@@ -288,7 +307,8 @@ def create_app(
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, detail=too_large_detail(limits))
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts or list(DEFAULT_HOSTS))  # outermost
-    app.state.service = Service(predictor, limits)
+    app.state.service = Service(predictor, limits, token)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(enrol.router)
     return app

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.explain.box import BoxSettings
-from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.engine.answer import Hierarchy, build_answers
 from carspotter.engine.calibration import load_calibration
+from carspotter.explain.box import BoxSettings
+from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.models.factory import CarModel
 from carspotter.models.loading import load_run
 from carspotter.rundir import RunError
@@ -137,12 +137,17 @@ class Predictor:
         self.transform = self.model.preprocess.transform()
         self.looker = Looker(self.model, self.info, box, zoom, device) if self.info.num_classes > 0 else None
         self.index = None
+        self.index_dir = Path(index_dir) if index_dir is not None else None
         self.embed_model: CarModel | None = None
+        # Held while a batch runs and while enrolment swaps the index: never a half-updated gallery.
+        self.lock = threading.RLock()
+        self.open: Any = None  # retrieval.open_classify.OpenClassifier when the gallery adds classes
         if index_dir is not None:
             from carspotter.retrieval.index import GalleryIndex
 
             self.index = GalleryIndex.load(index_dir)
             self.embed_model = self._embedding_model()
+            self._refresh_open()
         self.batcher = MicroBatcher({"classify": self.classify_batch, "search": self.search_batch}, max_batch)
 
     # ---- set-up -------------------------------------------------------------------------------------------
@@ -168,31 +173,91 @@ class Predictor:
         assert self.index is not None
         return embed_queries(self.index, model, images, self.device)
 
+    # ---- the open catalogue (retrieval.catalogue): enrolled classes join the answers -------------------
+    def _refresh_open(self) -> None:
+        """Answer over trained + gallery classes when the gallery knows classes the classifier does not."""
+        from carspotter.retrieval.open_classify import OpenClassifier
+
+        has_clf = self.info.num_classes > 0
+        oc = (
+            OpenClassifier(self.index, self.class_names if has_clf else None)
+            if self.index is not None
+            else None
+        )
+        self.open = oc if oc is not None and (not has_clf or oc.extends_classifier) else None
+
+    @property
+    def answer_names(self) -> list[str]:
+        """The classes /api/classify answers with (class_id = position here)."""
+        return self.open.names if self.open is not None else self.class_names
+
+    def enrol(self, photos: list[Any], add_to_existing: bool = False) -> Any:
+        """Enrol photos (retrieval.catalogue.Photo) into the served index; searches wait, then see it all."""
+        from carspotter.retrieval.catalogue import enrol
+
+        assert self.index_dir is not None and self.embed_model is not None
+        with self.lock:
+            res, index = enrol(
+                self.index_dir,
+                photos,
+                add_to_existing=add_to_existing,
+                device=self.device,
+                model=self.embed_model,
+            )
+            self.index = index
+            self._refresh_open()
+        return res
+
+    def unenrol(self, class_name: str) -> int:
+        from carspotter.retrieval.catalogue import unenrol
+
+        assert self.index_dir is not None
+        with self.lock:
+            n, index = unenrol(self.index_dir, class_name)
+            self.index = index
+            self._refresh_open()
+        return n
+
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[dict[str, Any]]:
         """Per photo: the answer of `engine.answer.build_answers` (its top list cut to that request's k),
-        plus "box" (where the car is, normalised x1, y1, x2, y2) and "zoom" (the second look, when on)."""
-        if self.looker is None:
+        plus "box" (where the car is, normalised x1, y1, x2, y2) and "zoom" (the second look, when on).
+        With a gallery that knows classes the run does not (enrolled ones), the answer is over the union."""
+        if self.looker is None and self.open is None:
             raise RunError(f"{self.run_dir}: a metric-learning run has no classifier; use /api/search")
-        looks = self.looker(images)  # one forward gives the logits and the CAM box; a second one with zoom
-        logits = looks.logits.float().cpu()  # (B, C)
-        answers = build_answers(logits, self.class_names, self.calibration, max(ks), self.hierarchy)
+        with self.lock:
+            looks = self.looker(images) if self.looker is not None else None  # logits + CAM box (+ zoom)
+            logits = looks.logits.float().cpu() if looks is not None else None  # (B, C)
+            if self.open is None:
+                answers = build_answers(logits, self.class_names, self.calibration, max(ks), self.hierarchy)
+            else:
+                clf = None
+                if logits is not None and self.open.clf_names:
+                    clf = self.calibration.probs(logits).numpy()
+                q = self._embed(self.embed_model, images)  # type: ignore[arg-type]
+                probs = torch.from_numpy(self.open.probs(clf, q))  # (B, U) over trained + gallery classes
+                answers = build_answers(None, self.open.names, self.calibration, max(ks), probs=probs)
         for b, (a, k) in enumerate(zip(answers, ks, strict=True)):
             a["predictions"] = a["predictions"][:k]
-            zoom = None
-            if looks.zoomed is not None:
+            a["box"] = rounded(looks.boxes[b]) if looks is not None else None
+            a["zoom"] = None
+            if looks is not None and looks.zoomed is not None:
                 w, h = images[b].size
                 crop_box = expand(tuple(looks.boxes[b]), self.looker.zoom.margin)  # type: ignore[arg-type, union-attr]
                 x0, y0, x1, y1 = zoom_rect(w, h, crop_box)
-                zoom = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
-            a["box"] = rounded(looks.boxes[b])
-            a["zoom"] = zoom
+                a["zoom"] = {"used": bool(looks.zoomed[b]), "crop": rounded((x0 / w, y0 / h, x1 / w, y1 / h))}
         return answers
 
     def search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
+        with self.lock:
+            return self._search_batch(images, ks)
+
+    def _search_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
         assert self.index is not None and self.embed_model is not None
         q = np.ascontiguousarray(self._embed(self.embed_model, images), dtype=np.float32)  # (B, D)
         kmax = min(max(ks), len(self.index.meta))
+        # the class_id /api/classify uses for the same class (positions in the union when it is open)
+        ids_by_name = {n: i for i, n in enumerate(self.open.names)} if self.open is not None else {}
         dist, ids = self.index.search(q, kmax)  # (B, kmax) each
         out = []
         for b, k in enumerate(ks):
@@ -204,7 +269,7 @@ class Predictor:
                 hits.append(
                     {
                         "id": int(i),
-                        "class_id": int(m["label"]),
+                        "class_id": ids_by_name.get(str(m["class_name"]), int(m["label"])),
                         "class_name": str(m["class_name"]),
                         "distance": float(d),
                         "thumbnail_url": f"/api/gallery/{int(i)}",
