@@ -41,6 +41,7 @@ def serve(
         help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    tta: str | None = typer.Option(None, "--tta", help="none | flip (default: the run's eval.tta)."),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
@@ -60,7 +61,12 @@ def serve(
         # waiting on a descheduled sibling made a forward 10x slower on a busy 2-core machine.
         torch.set_num_threads(threads)
     app = create_app(
-        run_dir, index, max_upload_mb=max_upload_mb, device=resolve_device(device), max_batch=max_batch
+        run_dir,
+        index,
+        max_upload_mb=max_upload_mb,
+        device=resolve_device(device),
+        max_batch=max_batch,
+        tta=tta,
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

@@ -68,6 +68,12 @@ def train(
     lr: float | None = typer.Option(None, "--lr"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int | None = typer.Option(None, "--seed"),
+    amp: str | None = typer.Option(
+        None, "--amp", help="Precision: auto (bf16 on CUDA, fp32 on CPU; default) | none | bf16 | fp16."
+    ),
+    tta: str | None = typer.Option(
+        None, "--tta", help="Default test-time augmentation of evaluate/predict/serve: none | flip."
+    ),
     num_workers: int | None = typer.Option(None, "--num-workers"),
     set_: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE config override, e.g. optim.name=sgd (repeatable)."
@@ -106,6 +112,8 @@ def train(
         "device": device,
         "seed": seed,
         "num_workers": num_workers,
+        "amp": amp,
+        "tta": tta,
     }
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
     cfg = apply_overrides(cfg, parse_set_args(set_))
@@ -144,6 +152,13 @@ def evaluate(
     weighting: str = typer.Option("majority", "--weighting", help="kNN vote: majority | distance."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
+    tta: str | None = typer.Option(
+        None, "--tta", help="none | flip (default: the run's eval.tta; with --knn: flip-averaged embeddings)."
+    ),
+    embed_source: str = typer.Option(
+        "auto", "--embed-source", help="kNN layer: auto | features (pooled pre-logit) | embedding | logits."
+    ),
+    l2: bool = typer.Option(False, "--l2/--no-l2", help="kNN: L2-normalise embeddings before the search."),
 ) -> None:
     """Evaluate a run on a split (metrics.json, predictions.csv), kNN on its embeddings, or an index."""
     if (path / "index.faiss").is_file() and knn is not None:
@@ -162,13 +177,23 @@ def evaluate(
         from carspotter.retrieval.knn import evaluate_knn_run
 
         metrics = evaluate_knn_run(
-            path, data, knn, metric, split, gallery_split, device=device, weighting=weighting
+            path,
+            data,
+            knn,
+            metric,
+            split,
+            gallery_split,
+            device=device,
+            weighting=weighting,
+            source=embed_source,
+            tta=tta or "none",
+            normalize=l2,
         )
         title = f"kNN k={knn} ({metric}) on {split}"
     else:
         from carspotter.engine.evaluate import evaluate_run
 
-        metrics = evaluate_run(path, data, split=split, device=device, batch_size=batch_size)
+        metrics = evaluate_run(path, data, split=split, device=device, batch_size=batch_size, tta=tta)
         title = f"{path} on {split}"
     _table(title, [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)], ("metric", "value"))
 
@@ -178,11 +203,12 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files."),
     k: int = typer.Option(5, "--k", help="How many classes to show per image."),
     device: str = typer.Option("cpu", "--device"),
+    tta: str | None = typer.Option(None, "--tta", help="none | flip (default: the run's eval.tta)."),
 ) -> None:
     """Print the top-k classes with probabilities for each image."""
     from carspotter.engine.evaluate import predict_images
 
-    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device):
+    for res in predict_images(run_dir, [str(p) for p in images], k=k, device=device, tta=tta):
         rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
         typer.echo(res["path"])
         _table("", rows, ("#", "class", "probability"))

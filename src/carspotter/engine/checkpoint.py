@@ -43,6 +43,8 @@ class ModelInfo:
     resize_size: int | None = None
     crop_mode: str = "center"  # data.crop_mode: how eval photos become squares (center crop or squash)
     source: str = ""  # where the weights came from (run dir, pretrained file …)
+    amp: str = "auto"  # train.amp: the precision every command runs this model at (models/inference.py)
+    tta: str = "none"  # eval.tta: default test-time augmentation of evaluate/predict/serve
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +55,8 @@ class ModelInfo:
             "resize_size": self.resize_size,
             "crop_mode": self.crop_mode,
             "source": self.source,
+            "amp": self.amp,
+            "tta": self.tta,
         }
 
     def eval_transform(self) -> Any:
@@ -72,6 +76,8 @@ def model_info(model: CarModel, cfg: ExperimentConfig, class_names: list[str]) -
         preprocess=model.preprocess.to_dict(),
         resize_size=cfg.data.resize_size,
         crop_mode=cfg.data.crop_mode,
+        amp=cfg.train.amp,
+        tta=cfg.eval.tta,
     )
 
 

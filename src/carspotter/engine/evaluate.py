@@ -17,6 +17,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
 from carspotter.engine.checkpoint import RunError, load_run, read_run_config
+from carspotter.models import inference
 from carspotter.models.fuse import CPU_CHUNK, forward_chunked
 from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
 
@@ -50,16 +51,9 @@ def classification_metrics(
     return out
 
 
-def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (there it measured ~1.5–2× faster than fp32 for
-    EfficientNet-Lite0/ResNet-50; tiny CNNs are faster in fp32, so tests turn it off); None = fp32."""
-    if not enabled:
-        return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The run's precision (train.amp; models/inference.py) on `device`; None = fp32."""
+    return inference.autocast_dtype(amp, device)
 
 
 def _predictions_csv(paths: list[str], labels: np.ndarray, probs: np.ndarray) -> str:
@@ -89,8 +83,10 @@ def evaluate_run(
     split: str = "test",
     device: str = "auto",
     batch_size: int | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test)."""
+    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test).
+    Precision and TTA are the run's (model.json), as in predict and serve; `tta` overrides the latter."""
     from carspotter.data.dataset import PreparedDataset
 
     run_dir = Path(run_dir)
@@ -114,15 +110,13 @@ def evaluate_run(
         model = model.to(memory_format=torch.channels_last)
     outputs, seconds = [], 0.0
     metric_task = cfg.task == "metric"
-    amp = autocast_dtype(cfg.train.amp, dev)  # as in training
-    with (
-        torch.inference_mode(),
-        torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-    ):
+    amp = autocast_dtype(info.amp, dev)  # the run's precision, as in predict, serve and index
+    tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
+    fn = inference.with_tta(model.embed if metric_task else model, "none" if metric_task else tta)
+    with inference.autocast(info.amp, dev), torch.inference_mode():
         for x, _ in loader:
             x = x.to(dev, memory_format=torch.channels_last)
             t0 = time.perf_counter()
-            fn = model.embed if metric_task else model
             out = forward_chunked(fn, x, CPU_CHUNK if dev.type == "cpu" else None)  # (B, D) or (B, C)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -148,14 +142,16 @@ def evaluate_run(
         atomic_write_text(run_dir / f"predictions{suffix}.csv", _predictions_csv(ds.paths, labels, probs))
     metrics["device"] = str(dev)
     metrics["autocast"] = str(amp).replace("torch.", "") if amp else "off"
+    metrics["tta"] = "none" if metric_task else tta
     atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
     return metrics
 
 
 def predict_images(
-    run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu"
+    run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu", tta: str | None = None
 ) -> list[dict[str, Any]]:
-    """Top-k classes per image: [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
+    """Top-k classes per image: [{"path", "top": [{"label", "class_name", "prob"}, …]}], at the run's
+    precision and TTA (model.json; `tta` overrides), exactly as `evaluate` scores them."""
     from carspotter.data.images import open_rgb
 
     model, info = load_run(run_dir, device)
@@ -163,8 +159,8 @@ def predict_images(
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
     tf = info.eval_transform()
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
-    with torch.inference_mode():
-        probs = model(x).float().softmax(dim=1).cpu()  # (N, C)
+    tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
+    probs = inference.run_model(model, x, info.amp, tta).softmax(dim=1).cpu()  # (N, C)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         {

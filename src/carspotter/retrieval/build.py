@@ -37,6 +37,7 @@ def build_index_from_run(
     overwrite: bool = False,
     model_info: dict[str, Any] | None = None,
     crop_mode: str | None = None,
+    tta: str = "none",
 ) -> GalleryIndex:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
@@ -51,20 +52,20 @@ def build_index_from_run(
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
-    resize_size, run_crop = None, "center"
+    resize_size, run_crop, amp = None, "center", "auto"
     if isinstance(run_or_model, CarModel):
         model = run_or_model
     else:
         model, minfo = load_run(run_or_model, dev)
         info["run_dir"] = str(Path(run_or_model).resolve())
         info["class_names_model"] = minfo.class_names
-        resize_size, run_crop = minfo.resize_size, minfo.crop_mode
+        resize_size, run_crop, amp = minfo.resize_size, minfo.crop_mode, minfo.amp
     crop_mode = crop_mode or run_crop
     ds = _splits_dataset(data_dir, split, eval_transform(model, resize_size, crop_mode))  # "train+val" too
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
-    emb = embed_dataset(model, ds, batch_size, dev, num_workers, source)  # (N, D)
+    emb = embed_dataset(model, ds, batch_size, dev, num_workers, source, amp=amp, tta=tta)  # (N, D)
     seconds = time.perf_counter() - t0
     meta = [
         {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in ds.records
@@ -77,6 +78,8 @@ def build_index_from_run(
         crop_mode=crop_mode,
         class_names=ds.class_names,
         embed_source=source,
+        amp=amp,  # queries (search, serve) run the same precision and flip averaging as the gallery
+        embed_tta=tta,
         embed_time_s=seconds,
         embed_images_per_s=len(ds) / seconds if seconds > 0 else None,
     )

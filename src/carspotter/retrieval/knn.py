@@ -68,6 +68,12 @@ def vote(
     return scores + best_rank_bonus
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): euclidean on these ranks like cosine."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def knn_classify(
     gallery_emb: np.ndarray,
     gallery_labels: np.ndarray,
@@ -131,10 +137,15 @@ def evaluate_knn_run(
     weighting: str = "majority",
     batch_size: int = 64,
     num_workers: int = 0,
+    source: str = "auto",
+    tta: str = "none",
+    normalize: bool = False,
 ) -> dict[str, Any]:
     """kNN on a run's embeddings (gallery: `gallery_split`, queries: `split`; "train+val" joins splits).
 
-    Writes RUN_DIR/metrics_knn{k}_{metric}.json.
+    `source` picks the layer (retrieval.embed.SOURCES), tta="flip" averages each photo's embedding with its
+    mirror image's, `normalize` L2-normalises embeddings before the search (and the distance-weighted vote).
+    Writes RUN_DIR/metrics_knn{k}_{metric}.json (suffixed with the non-default options).
 
     predict_time_s counts embedding the queries plus the search, as the reference study's predict time did.
     """
@@ -152,9 +163,12 @@ def evaluate_knn_run(
     queries = _splits_dataset(data_dir, split, tf)
     if len(gallery) == 0 or len(queries) == 0:
         raise ValueError(f"{data_dir}: split {gallery_split!r} or {split!r} is empty")
-    g = embed_dataset(model, gallery, batch_size, dev, num_workers)
+    opts = {"source": source, "amp": info.amp, "tta": tta}
+    g = embed_dataset(model, gallery, batch_size, dev, num_workers, **opts)
     t0 = time.perf_counter()
-    q = embed_dataset(model, queries, batch_size, dev, num_workers)
+    q = embed_dataset(model, queries, batch_size, dev, num_workers, **opts)
+    if normalize:
+        g, q = l2_normalize(g), l2_normalize(q)
     embed_s = time.perf_counter() - t0
     m = evaluate_knn(
         g,
@@ -167,8 +181,19 @@ def evaluate_knn_run(
         num_classes=len(gallery.class_names),
     )
     _add_embed_time(m, embed_s, len(queries))
-    m.update(split=split, gallery_split=gallery_split, n_gallery=len(gallery))
-    atomic_write_json(run_dir / f"metrics_knn{k}_{metric}.json", m)
+    m.update(
+        split=split,
+        gallery_split=gallery_split,
+        n_gallery=len(gallery),
+        source=source,
+        tta=tta,
+        normalize=normalize,
+        amp=info.amp,
+    )
+    extra = [source if source != "auto" else "", "flip" if tta == "flip" else "", "l2" if normalize else ""]
+    extra.append(weighting if weighting != "majority" else "")
+    suffix = "".join(f"_{e}" for e in extra if e)
+    atomic_write_json(run_dir / f"metrics_knn{k}_{metric}{suffix}.json", m)
     return m
 
 
@@ -226,7 +251,16 @@ def evaluate_knn_index(
             "kNN labels would not line up (index and evaluate the same prepared dataset)"
         )
     t0 = time.perf_counter()
-    q = embed_dataset(model, queries, batch_size, dev, num_workers, index.info.get("embed_source", "auto"))
+    q = embed_dataset(
+        model,
+        queries,
+        batch_size,
+        dev,
+        num_workers,
+        index.info.get("embed_source", "auto"),
+        amp=index.info.get("amp", "auto"),
+        tta=index.info.get("embed_tta", "none"),
+    )
     embed_s = time.perf_counter() - t0
 
     def search_index(_g: Any, qs: np.ndarray, kk: int, _metric: str) -> tuple[np.ndarray, np.ndarray]:

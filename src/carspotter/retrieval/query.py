@@ -55,4 +55,6 @@ def embed_queries(
         source=info.get("embed_source") or "auto",
         resize_size=info.get("resize_size"),
         crop_mode=info.get("crop_mode", "center"),
+        amp=info.get("amp", "auto"),
+        tta=info.get("embed_tta", "none"),
     )

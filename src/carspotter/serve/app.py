@@ -221,12 +221,13 @@ def create_app(
     device: str = "cpu",
     max_batch: int = 8,
     max_pixels: int = 40_000_000,
+    tta: str | None = None,
 ) -> FastAPI:
     """Load the run's model (and the gallery index) now, and return the ASGI app serving them."""
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
-    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch)
+    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, tta=tta)
     Image.init()  # load Pillow's format plugins now, not during the first (non-image) upload: ~1 s here
 
     @asynccontextmanager

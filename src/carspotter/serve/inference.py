@@ -120,10 +120,15 @@ class Predictor:
         index_dir: str | Path | None = None,
         device: str = "cpu",
         max_batch: int = 8,
+        tta: str | None = None,
     ) -> None:
+        from carspotter.models.inference import normalize_tta
+
         self.run_dir = Path(run_dir)
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
+        # the run's precision and TTA (model.json), exactly as `evaluate` and `predict` run it
+        self.tta = normalize_tta(self.info.tta if tta is None else tta, where="--tta")
         self.class_names: list[str] = list(self.info.class_names)
         self.transform = self.info.eval_transform()
         self.index = None
@@ -161,8 +166,10 @@ class Predictor:
     # ---- batch functions: run on the batcher's single thread only ----------------------------------------
     @torch.inference_mode()
     def classify_batch(self, images: list[Image.Image], ks: list[int]) -> list[list[dict[str, Any]]]:
+        from carspotter.models.inference import run_model
+
         x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
-        probs = torch.softmax(self.model(x).float(), dim=1).cpu()  # (B, C)
+        probs = torch.softmax(run_model(self.model, x, self.info.amp, self.tta), dim=1).cpu()  # (B, C)
         top_p, top_i = probs.topk(min(max(ks), probs.shape[1]), dim=1)  # (B, kmax), sorted descending
         return [
             [
