@@ -63,7 +63,9 @@ def train_briefly(
     torch.manual_seed(0)
     ctx = StepContext(device=torch.device("cpu"), classify=cfg.task != "metric")
     sampler = train_sampler(len(y), seed=0)
-    loader = make_loader(TensorItems(x, y), sampler, cfg.data.batch_size, 0, 0, drop_last=cfg.task == "metric")
+    loader = make_loader(
+        TensorItems(x, y), sampler, cfg.data.batch_size, 0, 0, drop_last=cfg.task == "metric"
+    )
     optimizer = build_optimizer(cfg, model, loss_fn.parameters())
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     losses = []
