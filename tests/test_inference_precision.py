@@ -21,13 +21,15 @@ from carspotter.models.inference import autocast_dtype, with_tta
 
 def _tiny_run(root: Path, data: Path) -> Path:
     """make_tiny_run plus the config.yaml `evaluate` reads (batch size, data root)."""
-    from carspotter.config import dump_config
-
     from safetensors.torch import load_file, save_file
+
+    from carspotter.config import dump_config
 
     run = make_tiny_run(root)
     sd = load_file(str(run / "best.safetensors"))
-    sd["classifier.weight"] = sd["classifier.weight"] * 60  # larger logits: bf16 vs fp32 moves top-1 probs ~8e-4
+    sd["classifier.weight"] = (
+        sd["classifier.weight"] * 60
+    )  # larger logits: bf16 vs fp32 moves top-1 probs ~8e-4
     save_file(sd, str(run / "best.safetensors"))
     cfg = apply_overrides(ExperimentConfig(), {"data.root": str(data), "batch_size": 4})
     dump_config(cfg, run / "config.yaml")
@@ -202,3 +204,29 @@ def test_knn_run_options_are_recorded_and_keep_earlier_result_files(
     )
     assert (run / "metrics_knn3_cosine.json").is_file()
     assert (run / "metrics_knn3_euclidean_features_flip_l2_distance.json").is_file()
+
+
+def test_index_records_the_runs_precision_and_queries_use_it(tmp_path: Path, tiny_prepared: Path) -> None:
+    import copy
+
+    from carspotter.retrieval.build import build_index_from_run
+    from carspotter.retrieval.query import embed_queries
+
+    run = _tiny_run(tmp_path / "run", tiny_prepared)
+    _set_model_json(run, amp="bf16")
+    index = build_index_from_run(run, tiny_prepared, "test", "cosine", out_dir=tmp_path / "ix", device="cpu")
+    assert index.info["amp"] == "bf16"
+    model, _ = load_run(run)
+    ds = PreparedDataset(tiny_prepared, "test")
+    photos = [ds.load_image(i) for i in range(len(ds))]
+    fp32_index = copy.copy(index)
+    fp32_index.info = {**index.info, "amp": "none"}
+
+    def gap(
+        idx: object,
+    ) -> float:  # largest distance between a query's unit vector and its own gallery vector
+        q = embed_queries(idx, model, photos)  # type: ignore[arg-type]
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        return float(np.abs(q - index.vectors()).max())
+
+    assert gap(index) < 0.25 * gap(fp32_index)  # queries embedded like the gallery: bf16 both sides
