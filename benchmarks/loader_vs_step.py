@@ -33,7 +33,6 @@ from benchutil import load_str, machine_line, synthetic_prepared
 from carspotter.config import ExperimentConfig
 from carspotter.data.dataset import PreparedDataset
 from carspotter.data.manifest import read_manifest
-from carspotter.data.transforms import build_transform
 from carspotter.engine.evaluate import autocast_dtype
 from carspotter.engine.loader import SeededItems, make_loader, train_sampler
 from carspotter.engine.optim import build_optimizer
@@ -67,8 +66,9 @@ def build_model(cfg: ExperimentConfig, n_classes: int) -> CarModel:
 
 
 def loader_for(cfg: ExperimentConfig, root: Path, model: CarModel, num_workers: int):
-    tf = build_transform(cfg.data, model.preprocess.mean, model.preprocess.std, train=True)
+    tf = model.preprocess.with_data(cfg.data).train_transform(cfg.data.aug)
     ds = PreparedDataset(root, cfg.data.train_split, tf, cfg.data.crop_bbox)
+    ds.one_thread_transforms = num_workers == 0  # as the training loop sets it
     if len(ds) == 0:
         raise SystemExit(f"error: {root}: no images in split {cfg.data.train_split!r}")
     seed = cfg.train.seed

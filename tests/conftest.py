@@ -51,9 +51,8 @@ def make_tiny_run(root: Path, n_classes: int = 4, crop_mode: str = "center") -> 
     root.mkdir(parents=True)
     save_weights(model, root / "best.safetensors")
     names = [f"Class {i}" for i in range(n_classes)]
-    save_model_json(
-        root, ModelInfo(asdict(cfg), n_classes, names, model.preprocess.to_dict(), crop_mode=crop_mode)
-    )
+    pre = {**model.preprocess.to_dict(), "crop_mode": crop_mode}
+    save_model_json(root, ModelInfo(asdict(cfg), n_classes, names, pre))
     return root
 
 

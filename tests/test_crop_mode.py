@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from carspotter.config import DataConfig
-from carspotter.data.transforms import build_transform
+from carspotter.data.transforms import Preprocess, build_transform
 from conftest import make_tiny_run
 
 PLAIN = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: outputs stay in [0, 1]
@@ -66,14 +67,15 @@ def test_runs_and_indexes_carry_the_crop_mode_to_queries(tmp_path: Path, tiny_pr
 
     build_index_from_run(run, tiny_prepared, "train", out_dir=tmp_path / "ix", device="cpu")
     index = GalleryIndex.load(tmp_path / "ix")
-    assert json.loads((tmp_path / "ix" / "index.json").read_text())["crop_mode"] == "squash"  # the run's
+    stored = json.loads((tmp_path / "ix" / "index.json").read_text())["preprocess"]
+    assert stored["crop_mode"] == "squash"  # the run's, inside the one Preprocess
 
     k = 5
     photo = Image.open(tiny_prepared / index.meta[k]["path"]).convert("RGB")
     embedder = embedder_for_index(index, "cpu")
-    info = index.info
     same = embed_queries(index, embedder, [photo])  # what search, serve and the report grid call
     dist, ids = index.search(same, 1)
     assert int(ids[0, 0]) == k and float(dist[0, 0]) < 1e-4  # a gallery photo finds itself, exactly
-    other = embed_images(embedder, [photo], resize_size=info["resize_size"], crop_mode="center")
+    centre = dataclasses.replace(Preprocess.from_dict(stored), crop_mode="center")
+    other = embed_images(embedder, [photo], preprocess=centre)
     assert float(np.abs(other - same).max()) > 1e-3  # so preprocessing the query differently would show

@@ -54,10 +54,10 @@ def test_demo_tiny_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         run = out / "runs" / s.name
         assert (run / "config.yaml").is_file() and (run / "model.json").is_file(), s.name
         if s.kind == "train":
-            assert (run / "metrics.json").is_file(), s.name
-            assert (run / "predictions.csv").is_file() or s.family == "metric", s.name
+            assert (run / "metrics_test.json").is_file(), s.name
+            assert (run / "predictions_test.csv").is_file() or s.family == "metric", s.name
         else:
-            assert list(run.glob("metrics_knn*.json")), s.name
+            assert list(run.glob("metrics_test_knn*.json")), s.name
         assert re.search(rf"{re.escape(s.name)}\s.*test (acc|R@1)\s+\d+\.\d %\s+\d+\.\d s", text), s.name
     assert (out / "index" / "index.faiss").is_file() and (out / "index" / "metrics.json").is_file()
     plan = json.loads((out / "demo.json").read_text())

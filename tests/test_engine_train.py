@@ -127,7 +127,9 @@ def test_run_dir_contents_and_metrics_match_sklearn(tiny_prepared, tmp_path):
     assert ck.read_run_config(run).data.root == str(tiny_prepared.resolve())
 
     m = evaluate_run(run, split="test", device="cpu")
-    preds = read_csv(run / "predictions.csv")
+    assert not (run / "metrics_test.json").exists()  # the library returns results; the caller writes them
+    m.save()
+    preds = read_csv(run / "predictions_test.csv")
     assert len(preds) == m["n_images"] == 8
     y = np.array([int(r["label"]) for r in preds])
     p = np.array([int(r["pred"]) for r in preds])
@@ -141,7 +143,11 @@ def test_run_dir_contents_and_metrics_match_sklearn(tiny_prepared, tmp_path):
         recall_score(y, p, labels=present, average="macro", zero_division=0)
     )
     assert m["predict_time_s"] > 0 and m["images_per_s"] > 0
-    assert json.loads((run / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    assert json.loads((run / "metrics_test.json").read_text())["accuracy"] == m["accuracy"]
+    val = evaluate_run(run, split="val", device="cpu")
+    val.save()  # another split: its own files, the test result untouched
+    assert json.loads((run / "metrics_test.json").read_text())["accuracy"] == m["accuracy"]
+    assert (run / "metrics_val.json").is_file() and (run / "predictions_val.csv").is_file()
 
     # Another path through the weights: predict_images on each test file, compared with predictions.csv.
     res = predict_images(run, [tiny_prepared / r["path"] for r in preds], k=3)
@@ -303,7 +309,7 @@ def test_malicious_weights_pickle_is_refused(tiny_prepared, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_empty_val_split_selects_by_train_loss(tmp_path, capsys):
+def test_empty_val_split_selects_by_train_loss(tmp_path, caplog):
     from carspotter.data.manifest import read_manifest, write_manifest
     from conftest import make_tiny_prepared
 
@@ -314,7 +320,7 @@ def test_empty_val_split_selects_by_train_loss(tmp_path, capsys):
     write_manifest(data, recs)
     s = fit(tiny_cfg(epochs=2), data, tmp_path / "run", progress=False)
     assert s["select_metric"] == "train_loss"
-    assert "no 'val' images" in capsys.readouterr().err
+    assert "no 'val' images" in caplog.text  # logged as a warning (the CLI shows it on stderr)
     rows = read_csv(tmp_path / "run" / "metrics.csv")
     assert rows[0]["val_accuracy"] == ""
 
@@ -331,9 +337,15 @@ def test_cli_evaluate_knn_and_predict(tiny_prepared, tmp_path):
     run = tmp_path / "run"
     fit(tiny_cfg(epochs=1), tiny_prepared, run, progress=False)
     app = build_app()
-    res = CliRunner().invoke(app, ["evaluate", str(run), "--knn", "1", "--device", "cpu"])
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--knn", "--k", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert (run / "metrics_knn1_euclidean.json").is_file()
+    assert (run / "metrics_test_knn1_euclidean.json").is_file()
+    res = CliRunner().invoke(
+        app, ["evaluate", str(run), "--knn", "--k", "1", "--split", "val", "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (run / "metrics_val_knn1_euclidean.json").is_file()  # the test result is not overwritten
+    assert json.loads((run / "metrics_test_knn1_euclidean.json").read_text())["split"] == "test"
     img = tiny_prepared / "images" / "c0_000.jpg"
     res = CliRunner().invoke(app, ["predict", str(run), str(img), "--k", "2"], terminal_width=200)
     assert res.exit_code == 0, res.output

@@ -17,6 +17,7 @@ from carspotter.data.dataset import PreparedDataset
 from carspotter.engine.checkpoint import load_run, read_model_info
 from carspotter.engine.evaluate import evaluate_run, predict_images
 from carspotter.models.inference import autocast_dtype, with_tta
+from carspotter.rundir import knn_metrics_name, predictions_name
 
 
 def _tiny_run(root: Path, data: Path) -> Path:
@@ -48,8 +49,7 @@ def _eval_top1(run: Path, split: str) -> dict[str, int]:
 
 
 def _eval_preds(run: Path, split: str) -> dict[str, tuple[int, float]]:
-    suffix = "" if split == "test" else f"_{split}"
-    with open(run / f"predictions{suffix}.csv") as f:
+    with open(run / predictions_name(split)) as f:
         return {r["path"]: (int(r["pred"]), float(r["confidence"])) for r in csv.DictReader(f)}
 
 
@@ -82,6 +82,7 @@ def test_evaluate_predict_and_serve_give_the_same_top1_for_every_photo(
     _set_model_json(run, amp=amp, tta=tta)
     for split in ("train", "test"):
         m = evaluate_run(run, tiny_prepared, split=split, device="cpu")
+        m.save()
         assert m["autocast"] == ("bfloat16" if amp == "bf16" else "off") and m["tta"] == tta
         by_eval = _eval_top1(run, split)
         paths = [str(tiny_prepared / p) for p in by_eval]
@@ -101,16 +102,16 @@ def test_evaluate_predict_and_serve_give_the_same_top1_for_every_photo(
 
 def test_flip_tta_logits_are_the_mean_of_the_two_passes(tmp_path: Path, tiny_prepared: Path) -> None:
     run = _tiny_run(tmp_path / "run", tiny_prepared)
-    model, info = load_run(run)
-    ds = PreparedDataset(tiny_prepared, "test", info.eval_transform())
+    model, _ = load_run(run)
+    ds = PreparedDataset(tiny_prepared, "test", model.preprocess.transform())
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         by_hand = (model(x) + model(torch.flip(x, dims=(3,)))) / 2
         assert torch.allclose(with_tta(model, "flip")(x), by_hand, atol=1e-6)
         assert not torch.allclose(model(x), by_hand, atol=1e-4)  # the flip changes something here
     # evaluate --tta flip: its probabilities are the softmax of those mean logits
-    evaluate_run(run, tiny_prepared, split="test", device="cpu", tta="flip")
-    with open(run / "predictions.csv") as f:
+    evaluate_run(run, tiny_prepared, split="test", device="cpu", tta="flip").save()
+    with open(run / predictions_name("test")) as f:
         rows = list(csv.DictReader(f))
     probs = by_hand.softmax(dim=1)
     for i, r in enumerate(rows):
@@ -145,8 +146,8 @@ def test_embedding_sources_and_flip_averaging_match_the_obvious_computation(
     from carspotter.retrieval.embed import embed_dataset
 
     run = _tiny_run(tmp_path / "run", tiny_prepared)
-    model, info = load_run(run)
-    ds = PreparedDataset(tiny_prepared, "train", info.eval_transform())
+    model, _ = load_run(run)
+    ds = PreparedDataset(tiny_prepared, "train", model.preprocess.transform())
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         feats, logits = model.forward_features(x), model(x)
@@ -202,8 +203,12 @@ def test_knn_run_options_are_recorded_and_keep_earlier_result_files(
         True,
         24,
     )
-    assert (run / "metrics_knn3_cosine.json").is_file()
-    assert (run / "metrics_knn3_euclidean_features_flip_l2_distance.json").is_file()
+    plain.save()
+    tuned.save()
+    assert (run / knn_metrics_name("test", 3, "cosine", "majority", "train+val")).is_file()
+    name = knn_metrics_name("test", 3, "euclidean", "distance", "train+val", "", ("features", "flip", "l2"))
+    assert name == "metrics_test_knn3_euclidean_distance_gtrain-val_features_flip_l2.json"
+    assert (run / name).is_file()
 
 
 def test_index_records_the_runs_precision_and_queries_use_it(tmp_path: Path, tiny_prepared: Path) -> None:

@@ -146,5 +146,5 @@ def test_preset_runs_end_to_end_reduced(name, tiny_prepared, tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(build_app(), ["evaluate", str(run), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    m = json.loads((run / "metrics.json").read_text())
+    m = json.loads((run / "metrics_test.json").read_text())
     assert m["n_images"] == 8 and 0 <= m["accuracy"] <= 1

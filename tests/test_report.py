@@ -132,6 +132,7 @@ def runs(tmp_path: Path) -> list[Path]:
             tmp_path,
             "strong-metric",
             task="metric",
+            overrides={"train.loss": "proxy_anchor"},
             metrics={
                 "recall_at_1": 0.8111,
                 "recall_at_2": 0.85,
@@ -214,7 +215,7 @@ def test_missing_files_show_dash_and_a_note(runs: list[Path], tmp_path: Path) ->
     fs = _tables(html)["From scratch"]
     row = next(r for r in re.findall(r"<tr>(.*?)</tr>", fs, re.S) if "seed-s1" in r)
     assert row.count('class="missing">—<') == 6  # loss, acc, f1, precision, recall, time
-    assert "seed-s1: no metrics.json" in html
+    assert "seed-s1: no metrics_test.json" in html
     assert "bare-run: no config.yaml" in html or "bare-run" in html
     assert "random weights" in html.lower()
 
@@ -305,10 +306,10 @@ def test_report_from_a_real_run_and_index(tiny_prepared: Path, tmp_path: Path, o
     )  # fmt: skip
     run = tmp_path / "run"
     fit(cfg, tiny_prepared, run, progress=False)
-    evaluate_run(run, tiny_prepared, device="cpu")
+    evaluate_run(run, tiny_prepared, device="cpu").save()
     index_dir = tmp_path / "index"
     build_index_from_run(run, tiny_prepared, split="train", out_dir=index_dir, device="cpu")
-    evaluate_index(index_dir)
+    evaluate_index(index_dir).save()
     html = build_report([run], tmp_path / "report", index_dirs=[index_dir]).read_text()
     assert "held-out test photos embedded by run" in html
     assert (tmp_path / "report" / "retrieval_index.png").is_file()

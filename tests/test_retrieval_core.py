@@ -141,7 +141,7 @@ def test_cli_index_search_evaluate(tmp_path: Path, tiny_prepared: Path) -> None:
     assert r.returncode == 2 and "already exists" in r.stderr  # never clobbers
     r = _cli("evaluate", str(run), "--knn", "3", "--data", str(tiny_prepared), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    knn = json.loads((run / "metrics_knn3_euclidean.json").read_text())
+    knn = json.loads((run / "metrics_test_knn3_euclidean.json").read_text())
     assert knn["n_images"] == 8 and 0.0 <= knn["accuracy"] <= 1.0 and knn["predict_time_s"] > 0
 
 
@@ -181,10 +181,11 @@ def test_knn_against_saved_index_equals_slow_path(tmp_path: Path, tiny_prepared:
     from safetensors.torch import save_file
 
     from carspotter.config import ModelConfig
+    from carspotter.data.dataset import splits_dataset
     from carspotter.models.factory import create_model
     from carspotter.retrieval.build import backbone_model, build_index_from_run
-    from carspotter.retrieval.embed import embed_dataset, eval_transform
-    from carspotter.retrieval.knn import _splits_dataset, evaluate_knn, evaluate_knn_index
+    from carspotter.retrieval.embed import embed_dataset
+    from carspotter.retrieval.knn import evaluate_knn, evaluate_knn_index
 
     backbone = create_model(ModelConfig(arch="scratch_cnn"), 0, 32).backbone
     save_file(backbone.state_dict(), str(tmp_path / "w.safetensors"))
@@ -195,12 +196,13 @@ def test_knn_against_saved_index_equals_slow_path(tmp_path: Path, tiny_prepared:
         model, tiny_prepared, "train+val", "cosine", out_dir=tmp_path / "ix", device="cpu", model_info=info
     )
     got = evaluate_knn_index(tmp_path / "ix", tiny_prepared, 3, "test", device="cpu")
-    assert (tmp_path / "ix" / "metrics_knn3_test.json").is_file()
+    got.save()
+    assert (tmp_path / "ix" / "metrics_test_knn3.json").is_file()
     assert got["gallery_split"] == "train+val" and got["metric"] == "cosine"
 
-    tf = eval_transform(model)
-    gallery = _splits_dataset(tiny_prepared, "train+val", tf)
-    queries = _splits_dataset(tiny_prepared, "test", tf)
+    tf = model.preprocess.transform()
+    gallery = splits_dataset(tiny_prepared, "train+val", tf)
+    queries = splits_dataset(tiny_prepared, "test", tf)
     slow = evaluate_knn(
         embed_dataset(model, gallery),
         np.asarray(gallery.labels),
@@ -217,7 +219,7 @@ def test_knn_against_saved_index_equals_slow_path(tmp_path: Path, tiny_prepared:
 
     r = _cli("evaluate", str(tmp_path / "ix"), "--knn", "1", "--data", str(tiny_prepared), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "ix" / "metrics_knn1_test.json").read_text())["k"] == 1
+    assert json.loads((tmp_path / "ix" / "metrics_test_knn1.json").read_text())["k"] == 1
     r = _cli("evaluate", str(tmp_path / "ix"), "--knn", "1")
     assert r.returncode != 0 and "--data" in r.stderr
 

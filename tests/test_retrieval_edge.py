@@ -77,6 +77,7 @@ def test_evaluate_index_on_an_exhaustive_approximate_index_equals_flat(
         # nprobe = nlist visits every list; HNSW at efSearch 256 on 300 points is exhaustive in practice
         GalleryIndex.build(x, meta, "cosine", name, nprobe=nprobe, ef_search=256).save(tmp_path / name)
         scores[name] = evaluate_index(tmp_path / name)
+        scores[name].save()
         assert (tmp_path / name / "metrics.json").is_file()
     flat, approx = scores["Flat"], scores[index_type]
     assert approx["index_type"] == index_type and approx["dim"] == 12 and approx["n"] == 300
@@ -95,7 +96,9 @@ def test_knn_run_gallery_can_join_train_and_val(tmp_path: Path, tiny_prepared: P
     one = evaluate_knn_run(run, tiny_prepared, 1, "cosine", gallery_split="train")
     both = evaluate_knn_run(run, tiny_prepared, 1, "cosine", gallery_split="train+val")
     assert (one["n_gallery"], both["n_gallery"], both["n_images"]) == (16, 24, 8)
-    saved = json.loads((run / "metrics_knn1_cosine.json").read_text())
+    one.save(), both.save()  # different galleries: different files, neither overwrites the other
+    assert json.loads((run / "metrics_test_knn1_cosine.json").read_text())["gallery_split"] == "train"
+    saved = json.loads((run / "metrics_test_knn1_cosine_gtrain-val.json").read_text())
     assert saved["gallery_split"] == "train+val" and set(saved) >= {
         "accuracy",
         "f1_macro",

@@ -15,6 +15,8 @@ D, C = 16, 4
 
 
 def cfg_with(**over: object) -> ExperimentConfig:
+    if "train__loss" in over:  # a metric-learning loss belongs to task: metric (the config checks it)
+        over.setdefault("task", "metric")
     return apply_overrides(ExperimentConfig(), {k.replace("__", "."): v for k, v in over.items()})
 
 
@@ -105,7 +107,7 @@ def test_tiny_metric_fit_records_val_recall_that_the_best_weights_reproduce(name
     from carspotter.data.dataset import PreparedDataset
     from carspotter.engine.checkpoint import load_run
     from carspotter.engine.train import fit
-    from carspotter.retrieval.embed import embed_dataset, eval_transform
+    from carspotter.retrieval.embed import embed_dataset
     from carspotter.retrieval.metrics import retrieval_metrics
     from conftest import make_tiny_prepared
 
@@ -135,8 +137,8 @@ def test_tiny_metric_fit_records_val_recall_that_the_best_weights_reproduce(name
     best_row = rows[summary["best_epoch"] - 1]
     assert float(best_row["val_recall_at_1"]) == pytest.approx(summary["best_value"])
 
-    model, info = load_run(tmp_path / "run", "cpu")
-    val = PreparedDataset(data, "val", eval_transform(model, info.resize_size))
+    model, _ = load_run(tmp_path / "run", "cpu")
+    val = PreparedDataset(data, "val", model.preprocess.transform())
     emb = embed_dataset(model, val, batch_size=8)  # (12, 16): the 16-d embedding head, not the features
     assert emb.shape == (12, 16)
     again = retrieval_metrics(emb, val.labels, metric=cfg.retrieval.metric)

@@ -17,6 +17,7 @@ val pass. It is a proxy; RESULTS.md gives the measured CPU seconds (`/usr/bin/ti
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))  # the summary imports carspotter; the GPU host may not have it installed
+sys.path.insert(
+    0, str(REPO / "src")
+)  # the summary imports carspotter; the GPU host may not have it installed
 CLI = [sys.executable, "-c", "from carspotter.cli import main; main()"]
 T2 = "seed-t2-resnet50-finetune"
 STRONG = "strong-efficientnet-lite0-finetune"
@@ -36,8 +39,18 @@ RECIPES: dict[str, tuple[str, int, list[str]]] = {
     "t2": (T2, 128, []),
     "strong": (STRONG, 128, []),
     "strong+ema": (STRONG, 128, ["--set", "train.ema_decay=0.998"]),
-    "strong+rrc": (STRONG, 128, ["--set", "data.aug.random_crop=false", "--set", "data.aug.random_resized_crop=true",
-                                 "--set", "data.aug.rrc_scale_min=0.35"]),
+    "strong+rrc": (
+        STRONG,
+        128,
+        [
+            "--set",
+            "data.aug.random_crop=false",
+            "--set",
+            "data.aug.random_resized_crop=true",
+            "--set",
+            "data.aug.rrc_scale_min=0.35",
+        ],
+    ),
     "strong+lr2e-3": (STRONG, 128, ["--lr", "0.002"]),
     "strong@160x6ep": (STRONG, 160, ["--epochs", "6"]),
     "strong@176x5ep": (STRONG, 176, ["--epochs", "5"]),
@@ -67,10 +80,33 @@ def relative_costs(weights: str, sizes: set[int], n_train: int, n_val: int) -> d
 
 def job_cmds(name: str, seed: int, args: argparse.Namespace, run: Path) -> list[list[str]]:
     preset, size, extra = RECIPES[name]
-    train = [*CLI, "train", "--preset", preset, "--data", args.data, "--out", str(run), "--backbone",
-             "tf_efficientnet_lite0", "--weights", args.weights, "--img-size", str(size), "--seed", str(seed),
-             "--num-workers", str(args.workers), "--device", args.device, "--set", "train.amp=false",
-             "--no-progress", "--overwrite", *extra]
+    train = [
+        *CLI,
+        "train",
+        "--preset",
+        preset,
+        "--data",
+        args.data,
+        "--out",
+        str(run),
+        "--backbone",
+        "tf_efficientnet_lite0",
+        "--weights",
+        args.weights,
+        "--img-size",
+        str(size),
+        "--seed",
+        str(seed),
+        "--num-workers",
+        str(args.workers),
+        "--device",
+        args.device,
+        "--set",
+        "train.amp=false",
+        "--no-progress",
+        "--overwrite",
+        *extra,
+    ]
     if args.smoke:
         train += ["--epochs", "1", "--img-size", "64"]
     evaluate = [*CLI, "evaluate", str(run), "--split", "test", "--device", args.device]
@@ -96,7 +132,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no job after this long")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--summarize", type=Path, nargs="*", help="only tabulate these results.jsonl files into --out")
+    ap.add_argument(
+        "--summarize", type=Path, nargs="*", help="only tabulate these results.jsonl files into --out"
+    )
     args = ap.parse_args()
     names = [n for n in (args.only.split(",") if args.only else RECIPES) if n]
     unknown = [n for n in names if n not in RECIPES]
@@ -104,9 +142,16 @@ def main() -> int:
         ap.error(f"--only: unknown recipe(s) {unknown}; known: {list(RECIPES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "NVIDIA_TF32_OVERRIDE": "0",
-           "PYTHONUNBUFFERED": "1"}
-    queue = [(n, s) for s in seeds for n in names]  # every recipe's seed 0 first: a cut run still compares all
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "OMP_NUM_THREADS": "1",
+        "NVIDIA_TF32_OVERRIDE": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    queue = [
+        (n, s) for s in seeds for n in names
+    ]  # every recipe's seed 0 first: a cut run still compares all
     t0 = time.perf_counter()
     running: list[tuple[str, int, subprocess.Popen, float, list[list[str]], Path]] = []
     results = args.out / "results.jsonl"
@@ -130,15 +175,20 @@ def main() -> int:
             if p.poll() is None:
                 continue
             running.remove(item)
-            row = {"recipe": name, "seed": seed, "rc": p.returncode, "wall_s": round(time.perf_counter() - started, 1)}
-            mfile = run / "metrics.json"
+            row = {
+                "recipe": name,
+                "seed": seed,
+                "rc": p.returncode,
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
+            mfile = run / "metrics_test.json"  # carspotter.rundir.metrics_name("test")
+            if not mfile.exists():
+                mfile = run / "metrics.json"  # written before split-named results
             if p.returncode == 0 and mfile.exists():
                 m = json.loads(mfile.read_text())
                 row["test_top1"] = m.get("accuracy")
                 try:
-                    import csv
-
-                    rows = list(csv.DictReader(open(run / "metrics.csv")))
+                    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
                     row["best_val"] = max(float(r.get("val_accuracy") or 0) for r in rows)
                 except (OSError, ValueError):
                     pass
@@ -147,16 +197,16 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     n_train = n_val = 0
-    import csv
-
-    for r in csv.DictReader(open(Path(args.data) / "manifest.csv")):
+    for r in csv.DictReader((Path(args.data) / "manifest.csv").read_text().splitlines()):
         n_train += r["split"] == "train"
         n_val += r["split"] == "val"
     sizes = {64} if args.smoke else {RECIPES[n][1] for n in names}
     per_img = relative_costs(args.weights, sizes, n_train, n_val)
     base = per_img[64 if args.smoke else 128] * epochs_of("t2", args.smoke)
-    lines = ["| recipe | px | epochs | CPU work vs T2 | test top-1 mean ± sd | seeds (per-seed %) | best val mean |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | px | epochs | CPU work vs T2 | test top-1 mean ± sd | seeds (per-seed %) | best val mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     summary = {}
     for n in names:
         accs = [r["test_top1"] for r in rows if r["recipe"] == n and r.get("test_top1") is not None]
@@ -164,15 +214,19 @@ def main() -> int:
         size = 64 if args.smoke else RECIPES[n][1]
         cost = per_img[size] * epochs_of(n, args.smoke) / base
         if not accs:
-            lines.append(f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | (no finished run) | | |")
+            lines.append(
+                f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | (no finished run) | | |"
+            )
             continue
         mean = statistics.mean(accs)
         sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
         summary[n] = {"mean": mean, "sd": sd, "n": len(accs), "per_seed": accs, "cost_vs_t2": cost}
         val = f"{100 * statistics.mean(vals):.1f}" if vals else ""
         per_seed = ", ".join(f"{100 * a:.1f}" for a in accs)
-        lines.append(f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | {100 * mean:.1f} ± {100 * sd:.1f} "
-                     f"| {len(accs)} ({per_seed}) | {val} |")
+        lines.append(
+            f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | {100 * mean:.1f} ± {100 * sd:.1f} "
+            f"| {len(accs)} ({per_seed}) | {val} |"
+        )
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(lines))

@@ -1,7 +1,8 @@
 """Print the RESULTS.md tables (markdown) from the run directories the scripts in this folder wrote.
 
 Usage: .venv/bin/python scripts/results/collect.py [RUNS_DIR]   (default /work/runs/cars-small)
-Reads only files: RUN/metrics.json, RUN/metrics_knn*.json, RUN/metrics.csv, RUN/config.yaml, INDEX/metrics.json
+Reads only files: RUN/metrics_test.json (or metrics.json), RUN/metrics_test_knn*.json (or metrics_knn*.json),
+RUN/metrics.csv, RUN/config.yaml, INDEX/metrics.json
 and the `NAME.time` files (`/usr/bin/time` JSON lines: wall and CPU seconds of each command).
 """
 
@@ -69,7 +70,14 @@ def cmd(script: str) -> str:
 
 
 def load(p: Path) -> dict | None:
-    return json.loads(p.read_text()) if p.is_file() else None
+    """A result file by its pre-contract name, preferring the split-named one (carspotter.rundir)."""
+    new = p.with_name(
+        p.name.replace("metrics.json", "metrics_test.json").replace("metrics_knn", "metrics_test_knn")
+    )
+    for q in (new, p):
+        if q.is_file():
+            return json.loads(q.read_text())
+    return None
 
 
 def times(name: str) -> list[dict]:

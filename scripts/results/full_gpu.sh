@@ -19,9 +19,9 @@ for p in seed-t1-resnet50-frozen seed-t2-resnet50-finetune seed-t3-densenet121-p
   "$CS" evaluate "$OUT/$p" --split test --device cuda
 done
 # R1–R3: kNN on the fine-tuned T2 / T3 networks (train photos as gallery, test photos as queries).
-"$CS" evaluate "$OUT/seed-t2-resnet50-finetune" --knn 3 --metric euclidean --device cuda
-"$CS" evaluate "$OUT/seed-t2-resnet50-finetune" --knn 10 --metric euclidean --device cuda
-"$CS" evaluate "$OUT/seed-t3-densenet121-progressive" --knn 7 --metric cosine --device cuda
+"$CS" evaluate "$OUT/seed-t2-resnet50-finetune" --knn --k 3 --metric euclidean --device cuda
+"$CS" evaluate "$OUT/seed-t2-resnet50-finetune" --knn --k 10 --metric euclidean --device cuda
+"$CS" evaluate "$OUT/seed-t3-densenet121-progressive" --knn --k 7 --metric cosine --device cuda
 # Retrieval, Cars196 protocol: frozen ImageNet ResNet-50 and Proxy-Anchor metric learning.
 "$CS" index --backbone resnet50 --img-size 224 --data "$RFULL" --split test --metric cosine \
   --out "$OUT/retrieval-frozen-resnet50" --device cuda

@@ -5,4 +5,4 @@
 source "$(dirname "$0")/common.sh"
 timed knn-frozen "$CS" index --backbone tf_efficientnet_lite0 --weights "$WEIGHTS" --img-size "${IMG:-128}" \
   --data "$DATA" --split train+val --metric cosine --out "$RUNS/knn-frozen-lite0" "$@"
-timed knn-frozen "$CS" evaluate "$RUNS/knn-frozen-lite0" --knn 1 --data "$DATA" --split test
+timed knn-frozen "$CS" evaluate "$RUNS/knn-frozen-lite0" --knn --k 1 --data "$DATA" --split test

@@ -7,11 +7,13 @@ A preset YAML file is just a saved `ExperimentConfig`; every run writes the reso
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -44,6 +46,9 @@ def normalize_tta(value: Any, where: str = "eval.tta") -> str:
     return v
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class AugConfig:
     """Training-time augmentation. Evaluation always uses resize + centre crop."""
@@ -66,7 +71,7 @@ class DataConfig:
     resize_size: int | None = None  # shorter side before cropping; None → round(img_size / 0.875)
     # How a photo becomes a square: "center" = shorter side to resize_size, centre crop (timm/torchvision default);
     # "squash" = the whole photo resized to img_size × img_size, aspect ratio ignored (nothing of the car cut off).
-    crop_mode: str = "center"
+    crop_mode: Literal["center", "squash"] = "center"
     batch_size: int = 32
     num_workers: int = 0
     train_split: str = "train"
@@ -85,7 +90,7 @@ class ModelConfig:
     )
     dropout: float = 0.0  # dropout before the classifier
     embed_dim: int | None = None  # add a linear embedding head of this size (metric learning)
-    freeze: str = "none"  # "none" (fine-tune all) | "backbone" (head only)
+    freeze: Literal["none", "backbone"] = "none"  # fine-tune all | head only
     # Progressive unfreezing: epoch → number of trailing backbone stages trainable (-1 = all).
     unfreeze_schedule: dict[int, int] = field(default_factory=dict)
     backbone_lr_mult: float = 1.0  # lr multiplier for backbone parameters (head keeps 1.0)
@@ -105,7 +110,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -116,7 +121,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"  # step | cosine | none
+    name: Literal["step", "cosine", "none"] = "step"
     step_size: int = 7
     gamma: float = 0.1
     warmup_epochs: int = 0
@@ -126,11 +131,25 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    loss: str = "cross_entropy"  # cross_entropy | proxy_anchor | multi_similarity | arcface
+    loss: Literal["cross_entropy", "proxy_anchor", "multi_similarity", "arcface"] = "cross_entropy"
     label_smoothing: float = 0.0
     ema_decay: float | None = None
     early_stop_patience: int | None = None
-    select_metric: str = "accuracy"  # val metric used to pick the best checkpoint
+    # val metric used to pick the best checkpoint; "auto" = accuracy (classification) or recall_at_1 (metric)
+    select_metric: Literal[
+        "auto",
+        "loss",
+        "accuracy",
+        "top5_accuracy",
+        "f1_macro",
+        "precision_macro",
+        "recall_macro",
+        "recall_at_1",
+        "recall_at_2",
+        "recall_at_4",
+        "recall_at_8",
+        "map_at_r",
+    ] = "auto"
     # Precision (models/inference.py): auto = bf16 autocast on CUDA, fp32 on CPU | none = fp32 | bf16 | fp16
     # (explicit opt-in on any device). Recorded in model.json: evaluate/predict/serve/index use the same.
     amp: str = "auto"
@@ -146,8 +165,19 @@ class TrainConfig:
     # Training photos (a fixed, evenly spaced subset; 0 = off) scored in eval mode after every epoch, so a
     # network that cannot fit its training set shows in metrics.csv (train_eval_*) whatever dropout hides.
     eval_train_max: int = 1024
+    # Metric-learning loss hyperparameters (task: metric); None = the method's published value
+    # (retrieval.losses.LOSS_DEFAULTS: proxy_anchor margin 0.1 alpha 32; multi_similarity alpha 2 beta 50
+    # base 0.5 miner_epsilon 0.1; arcface margin 28.6 scale 64).
+    margin: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    base: float | None = None
+    scale: float | None = None
+    miner_epsilon: float | None = None
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto | cpu | mps | cuda | cuda:N")
         try:
             self.amp = normalize_amp(self.amp)  # old configs: true → auto, false → none
         except ValueError as e:
@@ -170,12 +200,8 @@ class EvalConfig:
 @dataclass
 class RetrievalConfig:
     k: int = 5
-    metric: str = "euclidean"  # euclidean | cosine
-    weighting: str = "majority"  # majority | distance
-    index_type: str = "Flat"  # any faiss index_factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 …
-    nprobe: int = 16
-    ef_search: int = 64
-    embed_source: str = "auto"  # auto (embedding head if the model has one) | features | embedding
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    weighting: Literal["majority", "distance"] = "majority"
     gallery_split: str = "train"
     query_split: str = "test"
     batch_size: int = 64
@@ -185,7 +211,7 @@ class RetrievalConfig:
 class ExperimentConfig:
     name: str = "custom"
     description: str = ""
-    task: str = "classification"  # classification | knn | metric
+    task: Literal["classification", "knn", "metric"] = "classification"
     reference: dict[str, float] = field(default_factory=dict)  # published numbers this preset reproduces
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -194,6 +220,39 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Checks across sections (run when a config is loaded or overridden; each field is checked alone by
+        its type)."""
+        sel, metric_task = self.train.select_metric, self.task == "metric"
+        if metric_task and sel == "accuracy":  # the old default, which a metric run silently replaced
+            log.warning("train.select_metric: 'accuracy' does not exist for task: metric; using recall_at_1")
+            self.train.select_metric = sel = "auto"
+        if metric_task and sel not in METRIC_SELECT:
+            raise ConfigError(
+                f"train.select_metric: {sel!r} is not a val metric of task: metric; choose one of {METRIC_SELECT}"
+            )
+        if not metric_task and sel not in CLS_SELECT:
+            raise ConfigError(
+                f"train.select_metric: {sel!r} is not a val metric of task: {self.task}; choose one of {CLS_SELECT}"
+            )
+        if metric_task and self.train.loss == "cross_entropy":
+            raise ConfigError(
+                "train.loss: task: metric needs a metric-learning loss: proxy_anchor | multi_similarity | arcface"
+            )
+        if not metric_task and self.train.loss != "cross_entropy":
+            raise ConfigError(
+                f"train.loss: {self.train.loss!r} is only used with task: metric (task is {self.task!r}); "
+                "set task: metric or train.loss: cross_entropy"
+            )
+
+
+CLS_SELECT = ("auto", "loss", "accuracy", "top5_accuracy", "f1_macro", "precision_macro", "recall_macro")
+METRIC_SELECT = ("auto", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
+# Fields that no longer exist; old config.yaml files that set them still load (with a warning).
+REMOVED_FIELDS: dict[str, tuple[str, ...]] = {
+    "RetrievalConfig": ("embed_source", "index_type", "nprobe", "ef_search"),
+}
 
 
 # Short CLI names for the fields people override most (`--epochs 2` == `--set train.epochs=2`).
@@ -230,6 +289,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Turn YAML/CLI values into the annotated type, with an error that names the field."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(map(str, args))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
@@ -280,11 +343,21 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build a (nested) dataclass from a mapping; unknown keys are an error, missing keys take defaults."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    removed = set(data) & set(REMOVED_FIELDS.get(cls.__name__, ()))
+    if removed:
+        log.warning("%s: ignoring removed field(s) %s (no longer used)", where, sorted(removed))
+        data = {k: v for k, v in data.items() if k not in removed}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        out = cls(**kwargs)
+        if isinstance(out, ExperimentConfig):
+            out.validate()
+        return out
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

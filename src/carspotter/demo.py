@@ -209,7 +209,7 @@ def resolve_weights(weights: Path | None, echo: Echo) -> dict[str, Any]:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"--weights {weights}: file not found")
         return {"mode": "file", "path": str(Path(weights).resolve())}
-    from carspotter.models.factory import hub_reachable
+    from carspotter.utils import hub_reachable
 
     if hub_reachable():
         return {"mode": "download", "path": None}
@@ -288,7 +288,9 @@ def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, Any]:
 def _make_knn_run(cfg: ExperimentConfig, source: Path, run_dir: Path) -> None:
     """A kNN experiment's run dir: its own config.yaml, the network of the transfer run it reuses."""
     run_dir.mkdir(parents=True)
-    for f in ("model.json", "best.safetensors"):
+    from carspotter.rundir import BEST, MODEL_JSON
+
+    for f in (MODEL_JSON, BEST):
         src = source / f
         if not src.is_file():
             continue
@@ -468,12 +470,13 @@ class _Demo:
             apply_overrides(cfg, s.overrides), self.data_dir, self.runs / s.name, progress=self.progress
         )
         metrics = evaluate_run(self.runs / s.name, self.data_dir)
+        metrics.save()
         s.result = {"epochs": summary.get("epochs_completed"), "best_epoch": summary.get("best_epoch"),
                     "val": summary.get("best_value"), "test": _pick(metrics)}  # fmt: skip
         return metrics
 
     def _knn(self, s: Step, cfg: ExperimentConfig) -> tuple[dict[str, Any], str]:
-        from carspotter.engine.checkpoint import read_run_config
+        from carspotter.rundir import read_run_config
 
         source = self.runs / str(s.network_from)
         scaled = knn_config(cfg, read_run_config(source))
@@ -555,7 +558,7 @@ def _evaluate_knn(run_dir: Path, data_dir: Path, cfg: ExperimentConfig) -> dict[
     from carspotter.utils import resolve_device
 
     r = cfg.retrieval
-    return evaluate_knn_run(
+    result = evaluate_knn_run(
         run_dir,
         data_dir,
         k=r.k,
@@ -566,18 +569,20 @@ def _evaluate_knn(run_dir: Path, data_dir: Path, cfg: ExperimentConfig) -> dict[
         weighting=r.weighting,
         batch_size=r.batch_size,
     )
+    result.save()
+    return result
 
 
 def _build_index(run_dir: Path, data_dir: Path, index_dir: Path) -> None:
-    from carspotter.engine.checkpoint import read_run_config
     from carspotter.retrieval import evaluate_index
     from carspotter.retrieval.build import build_index_from_run
+    from carspotter.rundir import read_run_config
 
     cfg = read_run_config(run_dir)
     build_index_from_run(
         run_dir, data_dir, split="train", metric=cfg.retrieval.metric, index_type="Flat", out_dir=index_dir
     )
-    evaluate_index(index_dir)
+    evaluate_index(index_dir).save()
 
 
 __all__ = ["SCALES", "Step", "plan_steps", "run_demo", "scale_overrides"]

@@ -8,6 +8,7 @@ inputs through PyTorch and onnxruntime and reports the max abs difference of bot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from carspotter.engine.checkpoint import ModelInfo, load_run
+from carspotter.data.transforms import Preprocess
 from carspotter.models.factory import CarModel
+from carspotter.models.loading import load_run
+from carspotter.rundir import ModelInfo
 from carspotter.utils import OutputExistsError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -50,31 +53,32 @@ class ExportHead(nn.Module):
         return logits, emb
 
 
-def export_metadata(model: CarModel, info: ModelInfo, img_size: int, resize_size: int) -> dict[str, str]:
-    """Key/values for ONNX `metadata_props`: everything needed to feed the graph and read its outputs."""
-    pre = model.preprocess
+def export_metadata(model: CarModel, info: ModelInfo, pre: Preprocess | None = None) -> dict[str, str]:
+    """Key/values for ONNX `metadata_props`: everything needed to feed the graph and read its outputs.
+
+    `preprocess` is the whole `Preprocess` (as in model.json) plus layout/colour and a recipe in words.
+    """
+    pre = pre or model.preprocess
     preprocess = {
-        "img_size": img_size,
-        "resize_size": resize_size,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "interpolation": pre.interpolation,
+        **pre.to_dict(),
+        "resize_size": pre.resize_side,
         "layout": "NCHW",
         "color": "RGB",
-        "crop_mode": info.crop_mode,
         "recipe": (
-            "whole photo to img_size x img_size (aspect ignored)"
-            if info.crop_mode == "squash"
-            else "shorter side to resize_size, centre-crop img_size"
+            f"whole photo to img_size x img_size ({pre.interpolation}, aspect ignored)"
+            if pre.crop_mode == "squash"
+            else f"shorter side to resize_size ({pre.interpolation}), centre-crop img_size"
         )
         + ", scale to [0,1], (x - mean) / std",
     }
+    img_size, resize_size = pre.img_size, pre.resize_side
     return {
         "carspotter.format": "1",
         "preprocess": json.dumps(preprocess),
         "img_size": str(img_size),
         "resize_size": str(resize_size),
-        "crop_mode": info.crop_mode,
+        "crop_mode": pre.crop_mode,
+        "interpolation": pre.interpolation,
         "mean": json.dumps(list(pre.mean)),
         "std": json.dumps(list(pre.std)),
         "class_names": json.dumps(list(info.class_names)),
@@ -180,13 +184,16 @@ def _export_proto(head: nn.Module, example: torch.Tensor, opset: int) -> tuple[A
     return first
 
 
-def _sizes(model: CarModel, info: ModelInfo, img_size: int | None) -> tuple[int, int]:
-    base = int(model.preprocess.img_size)
-    size = int(img_size or base)
+def export_preprocess(model: CarModel, img_size: int | None) -> Preprocess:
+    """The run's Preprocess, at another input size if asked (resize side scaled in proportion)."""
+    pre = model.preprocess
+    size = int(img_size or pre.img_size)
     if size < 8:
         raise ValueError(f"--img-size {size}: too small (need at least 8 pixels)")
-    resize = round(info.resize_size * size / base) if info.resize_size else round(size / 0.875)
-    return size, resize
+    if size == pre.img_size:
+        return pre
+    resize = round(pre.resize_size * size / pre.img_size) if pre.resize_size else None
+    return dataclasses.replace(pre, img_size=size, resize_size=resize)
 
 
 def export_onnx(
@@ -216,11 +223,12 @@ def export_onnx(
     if check_images and not paths:
         raise FileNotFoundError(f"--check-images {', '.join(map(str, check_images))}: no image files found")
     model, info = load_run(run_dir, device="cpu")
-    size, resize = _sizes(model, info, img_size)
+    pre = export_preprocess(model, img_size)
+    size, resize = pre.img_size, pre.resize_side
     head = ExportHead(model).eval()
     example = torch.randn(2, 3, size, size)  # batch 2, so export cannot specialise the batch size to 1
     proto, exporter = _export_proto(head, example, opset)
-    meta = export_metadata(model, info, size, resize)
+    meta = export_metadata(model, info, pre)
     meta["source_run"] = str(Path(run_dir).resolve())
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = f"carspotter export of {Path(run_dir).name}: {info.model.get('arch', '')}"
@@ -228,7 +236,7 @@ def export_onnx(
         onnx.save_model(proto, str(tmp))
 
     if paths:
-        x = load_check_images(paths[:max_check_images], model, size, resize, info.crop_mode)
+        x = load_check_images(paths[:max_check_images], pre)
         parity = check_parity(head, out_path, [x, x[:1]])
         source = f"{len(x)} images"
     else:
@@ -264,16 +272,11 @@ def image_files(items: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def load_check_images(
-    paths: Sequence[Path], model: CarModel, img_size: int, resize: int, crop_mode: str = "center"
-) -> torch.Tensor:
+def load_check_images(paths: Sequence[Path], pre: Preprocess) -> torch.Tensor:
     """Photos → the evaluation preprocessing the metadata describes → (N, 3, img_size, img_size)."""
-    from carspotter.config import DataConfig
     from carspotter.data.images import open_rgb
-    from carspotter.data.transforms import build_transform
 
-    data = DataConfig(img_size=img_size, resize_size=resize, crop_mode=crop_mode)
-    tf = build_transform(data, model.preprocess.mean, model.preprocess.std, False)
+    tf = pre.transform()
     return torch.stack([tf(open_rgb(p)) for p in paths])
 
 

@@ -137,6 +137,31 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A fast check so an offline machine fails in seconds, not after a minute of download retries."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+_MIX = 1_000_003  # a prime; (seed, epoch, index) → one 63-bit seed
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from several integers (seed, epoch, rank …)."""
+    s = 0
+    for p in parts:
+        s = (s * _MIX + int(p) + 1) % (2**63 - 1)
+    return s
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

@@ -23,5 +23,21 @@ def build_app() -> typer.Typer:
     return app
 
 
+def legacy_argv(argv: list[str]) -> list[str]:
+    """`evaluate … --knn 7` (before --knn became a flag taking the run's preset) → `--knn --k 7`."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--knn" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            out.append("--k")
+    return out
+
+
 def main() -> None:
+    import sys
+
+    from carspotter.cli.common import setup_logging
+
+    setup_logging()
+    sys.argv[1:] = legacy_argv(sys.argv[1:])
     build_app()()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,3 +33,33 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _StdStream(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout / sys.stderr is at the time (test runners swap them)."""
+
+    def __init__(self, err: bool) -> None:
+        super().__init__()
+        self.err = err
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr if self.err else sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The library logs; the CLI shows carspotter's INFO lines (progress) on stdout, warnings on stderr."""
+    root = logging.getLogger("carspotter")
+    if any(isinstance(h, _StdStream) for h in root.handlers):
+        return
+    out, err = _StdStream(err=False), _StdStream(err=True)
+    out.addFilter(lambda r: r.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for h in (out, err):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(h)
+    root.setLevel(level)

@@ -87,8 +87,8 @@ def train(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_relaunch(nproc))
     from carspotter.config import apply_overrides, load_config, parse_set_args
-    from carspotter.engine.checkpoint import CONFIG, read_run_config
     from carspotter.presets import load_preset
+    from carspotter.rundir import CONFIG, read_run_config
 
     if preset and config:
         raise ValueError("give either --preset or --config, not both")
@@ -142,14 +142,21 @@ def evaluate(
     path: Path = typer.Argument(..., help="A run directory, or an index directory (holding index.faiss)."),
     data: Path | None = typer.Option(None, "--data", help="Prepared dataset (default: the run's own)."),
     split: str = typer.Option("test", "--split"),
-    knn: int | None = typer.Option(
-        None, "--knn", help="kNN-classify with K neighbours among train embeddings."
+    knn: bool = typer.Option(
+        False, "--knn", help="kNN-classify with the run's retrieval settings (k, metric, weighting, gallery)."
     ),
-    metric: str = typer.Option("euclidean", "--metric", help="kNN distance: euclidean | cosine."),
-    gallery_split: str = typer.Option(
-        "train", "--gallery-split", help="kNN gallery split of a run: train | train+val | all."
+    k: int | None = typer.Option(None, "--k", help="kNN neighbours (default: the run's retrieval.k)."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="kNN distance: euclidean | cosine (default: the run's retrieval.metric)."
     ),
-    weighting: str = typer.Option("majority", "--weighting", help="kNN vote: majority | distance."),
+    gallery_split: str | None = typer.Option(
+        None,
+        "--gallery-split",
+        help="kNN gallery split of a run: train | train+val | all (default: the run's).",
+    ),
+    weighting: str | None = typer.Option(
+        None, "--weighting", help="kNN vote: majority | distance (default: the run's retrieval.weighting)."
+    ),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     tta: str | None = typer.Option(
@@ -160,42 +167,54 @@ def evaluate(
     ),
     l2: bool = typer.Option(False, "--l2/--no-l2", help="kNN: L2-normalise embeddings before the search."),
 ) -> None:
-    """Evaluate a run on a split (metrics.json, predictions.csv), kNN on its embeddings, or an index."""
-    if (path / "index.faiss").is_file() and knn is not None:
+    """Evaluate a run on a split (metrics_SPLIT.json, predictions_SPLIT.csv), kNN on its embeddings, or an index."""
+    from carspotter.rundir import is_index_dir, read_run_config
+
+    knn = knn or k is not None
+    if is_index_dir(path) and knn:
         from carspotter.retrieval.knn import evaluate_knn_index
 
         if data is None:
             raise ValueError("--data is required to kNN-classify a split against an index")
-        metrics = evaluate_knn_index(path, data, knn, split, weighting, device=device)
-        title = f"kNN k={knn} ({metrics['metric']}) of {split} against index {path}"
-    elif (path / "index.faiss").is_file():
+        if k is None:
+            raise ValueError("--k K is required to kNN-classify against an index (it has no preset)")
+        result = evaluate_knn_index(path, data, k, split, weighting or "majority", device=device)
+        title = f"kNN k={k} ({result['metric']}) of {split} against index {path}"
+    elif is_index_dir(path):
         from carspotter.retrieval import evaluate_index
 
-        metrics = evaluate_index(path)
+        result = evaluate_index(path)
         title = f"index {path}"
-    elif knn is not None:
+    elif knn:
+        from carspotter.config import RetrievalConfig
         from carspotter.retrieval.knn import evaluate_knn_run
+        from carspotter.rundir import CONFIG
 
-        metrics = evaluate_knn_run(
+        # the run's (its preset's) kNN settings unless overridden here
+        r = read_run_config(path).retrieval if (path / CONFIG).is_file() else RetrievalConfig()
+        k, metric = k if k is not None else r.k, metric or r.metric
+        result = evaluate_knn_run(
             path,
             data,
-            knn,
+            k,
             metric,
             split,
-            gallery_split,
+            gallery_split or r.gallery_split,
             device=device,
-            weighting=weighting,
+            weighting=weighting or r.weighting,
             source=embed_source,
             tta=tta or "none",
             normalize=l2,
         )
-        title = f"kNN k={knn} ({metric}) on {split}"
+        title = f"kNN k={k} ({metric}) on {split}"
     else:
         from carspotter.engine.evaluate import evaluate_run
 
-        metrics = evaluate_run(path, data, split=split, device=device, batch_size=batch_size, tta=tta)
+        result = evaluate_run(path, data, split=split, device=device, batch_size=batch_size, tta=tta)
         title = f"{path} on {split}"
-    _table(title, [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)], ("metric", "value"))
+    written = result.save()
+    _table(title, [(k, v) for k, v in result.items() if not isinstance(v, dict | list)], ("metric", "value"))
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 def predict(

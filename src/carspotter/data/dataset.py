@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,6 +33,9 @@ class PreparedDataset(Dataset):
         self.split = split
         self.transform = transform
         self.crop_bbox = crop_bbox
+        # Run each item's transform on one torch thread (changes the global count while it runs): only a caller
+        # that owns the process and loads in the main process (num_workers=0) turns this on.
+        self.one_thread_transforms = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -54,6 +58,20 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.load_image(i)
-        with single_thread():  # tiny ops: one thread is as fast idle and 10-40x faster on a busy CPU
+        if self.one_thread_transforms:  # opt-in by the loop that owns the process (num_workers=0)
+            with single_thread():  # tiny ops: one thread is as fast idle and 10-40x faster on a busy CPU
+                x = self.transform(img) if self.transform is not None else img
+        else:
             x = self.transform(img) if self.transform is not None else img
         return x, self.records[i].label
+
+
+def splits_dataset(data_dir: str | Path, split: str, transform: Any) -> PreparedDataset:
+    """A PreparedDataset over one split, "all", or several joined by "+" (e.g. the whole labelled
+    "train+val" as a kNN gallery: a kNN classifier has nothing to select on val)."""
+    parts = split.split("+")
+    ds = PreparedDataset(data_dir, "all" if len(parts) > 1 else split, transform)
+    if len(parts) > 1:
+        ds.records = [r for r in ds.records if r.split in parts]
+        ds.split = split
+    return ds

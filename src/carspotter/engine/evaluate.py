@@ -1,4 +1,4 @@
-"""Evaluate a run directory: metrics (scikit-learn), per-image predictions, and inference speed.
+"""Evaluate a run directory: metrics, per-image predictions, and inference speed; returned, not written.
 
 Speed is timed around the forward pass only (decoding and resizing excluded), so images/s compares models,
 not disks.
@@ -14,41 +14,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
-from carspotter.engine.checkpoint import RunError, load_run, read_run_config
 from carspotter.models import inference
 from carspotter.models.fuse import CPU_CHUNK, forward_chunked
-from carspotter.utils import atomic_write_json, atomic_write_text, resolve_device
+from carspotter.models.loading import load_run
+from carspotter.retrieval.metrics import classification_metrics
+from carspotter.rundir import (
+    EvalResult,
+    RunError,
+    data_tag,
+    metrics_name,
+    predictions_name,
+    read_run_config,
+)
+from carspotter.utils import resolve_device
+
+__all__ = ["PRED_COLUMNS", "autocast_dtype", "classification_metrics", "evaluate_run", "predict_images"]
 
 PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs"]
-
-
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None = None, loss: float | None = None
-) -> dict[str, float | None]:
-    """accuracy, top-5 accuracy, and macro F1/precision/recall over the classes present in `y_true`."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = np.unique(y_true)
-    out: dict[str, float | None] = {
-        "loss": None if loss is None else float(loss),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "top5_accuracy": None,
-        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "precision_macro": float(
-            precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-        ),
-        "recall_macro": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-    }
-    if probs is not None:
-        n_classes = probs.shape[1]
-        if n_classes <= 5:
-            out["top5_accuracy"] = 1.0
-        else:
-            out["top5_accuracy"] = float(
-                top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(n_classes))
-            )
-    return out
 
 
 def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -84,9 +67,14 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int | None = None,
     tta: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate best.safetensors on a split; write metrics.json + predictions.csv (`_<split>` if not test).
-    Precision and TTA are the run's (model.json), as in predict and serve; `tta` overrides the latter."""
+) -> EvalResult:
+    """Evaluate best.safetensors on a split → metrics (+ predictions CSV text for a classifier).
+
+    Precision and TTA are the run's (model.json), as in predict and serve; `tta` overrides the latter.
+
+    `.save()` writes RUN_DIR/metrics_<split>[@<data>].json and predictions_<split>[@<data>].csv
+    (rundir names: a result on another split or dataset never overwrites this one).
+    """
     from carspotter.data.dataset import PreparedDataset
 
     run_dir = Path(run_dir)
@@ -94,8 +82,11 @@ def evaluate_run(
     dev = torch.device(resolve_device(device))
     model, info = load_run(run_dir, str(dev))
     data_dir = Path(data_dir or cfg.data.root)
-    tf = info.eval_transform()
-    ds = PreparedDataset(data_dir, split, transform=tf, crop_bbox=cfg.data.crop_bbox)
+    tag = data_tag(data_dir, cfg.data.root)
+    ds = PreparedDataset(
+        data_dir, split, transform=model.preprocess.transform(), crop_bbox=cfg.data.crop_bbox
+    )
+    ds.one_thread_transforms = cfg.data.num_workers == 0
     if ds.class_names != info.class_names:
         raise RunError(
             f"{data_dir}: its {len(ds.class_names)} classes differ from the {len(info.class_names)} "
@@ -130,7 +121,7 @@ def evaluate_run(
         "n_images": len(ds),
         "split": split,
     }
-    suffix = "" if split == "test" else f"_{split}"
+    files: dict[str, Any] = {metrics_name(split, tag): None}
     if metric_task:
         from carspotter.retrieval.metrics import retrieval_metrics
 
@@ -139,12 +130,13 @@ def evaluate_run(
         loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(labels)).item()
         probs = out.softmax(dim=1).numpy()
         metrics = {**classification_metrics(labels, probs.argmax(1), probs, loss), **speed}
-        atomic_write_text(run_dir / f"predictions{suffix}.csv", _predictions_csv(ds.paths, labels, probs))
+        files[predictions_name(split, tag)] = _predictions_csv(ds.paths, labels, probs)
     metrics["device"] = str(dev)
     metrics["autocast"] = str(amp).replace("torch.", "") if amp else "off"
     metrics["tta"] = "none" if metric_task else tta
-    atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
-    return metrics
+    if tag:
+        metrics["data"] = str(data_dir)
+    return EvalResult(metrics, run_dir, files)
 
 
 def predict_images(
@@ -157,7 +149,7 @@ def predict_images(
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    tf = info.eval_transform()
+    tf = model.preprocess.transform()
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
     tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
     probs = inference.run_model(model, x, info.amp, tta).softmax(dim=1).cpu()  # (N, C)

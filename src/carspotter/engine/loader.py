@@ -15,14 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-_MIX = 1_000_003  # a prime; (seed, epoch, index) → one 63-bit seed
-
-
-def mix_seed(*parts: int) -> int:
-    s = 0
-    for p in parts:
-        s = (s * _MIX + int(p) + 1) % (2**63 - 1)
-    return s
+from carspotter.utils import mix_seed
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -16,6 +16,7 @@ import copy
 import csv
 import hashlib
 import io
+import logging
 import math
 import random
 import sys
@@ -33,7 +34,6 @@ from tqdm import tqdm
 from carspotter.config import ExperimentConfig, dump_config, to_dict
 from carspotter.data.dataset import PreparedDataset
 from carspotter.data.manifest import class_names, read_manifest, split_records
-from carspotter.data.transforms import build_transform
 from carspotter.engine import checkpoint as ck
 from carspotter.engine.distributed import (
     DistInfo,
@@ -50,12 +50,13 @@ from carspotter.engine.loader import (
     TensorItems,
     eval_sampler,
     make_loader,
-    mix_seed,
     train_sampler,
 )
 from carspotter.engine.optim import build_optimizer, build_scheduler
 from carspotter.models.factory import CarModel, apply_freeze, create_model, set_trainable_stages
-from carspotter.utils import atomic_write_text, prepare_out_dir, seed_everything
+from carspotter.utils import atomic_write_text, mix_seed, prepare_out_dir, seed_everything
+
+log = logging.getLogger(__name__)
 
 __all__ = ["build_optimizer", "build_scheduler", "evaluate", "fit", "train_one_epoch"]
 
@@ -345,13 +346,13 @@ def _fit(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
 
-    def say(*a: Any) -> None:
-        if progress and dist.is_main:
-            print(*a, flush=True)
-
-    def warn(*a: Any) -> None:  # printed even with progress=False
+    def say(*a: Any) -> None:  # progress lines: INFO (DEBUG with progress=False); the CLI shows INFO
         if dist.is_main:
-            print(*a, file=sys.stderr, flush=True)
+            log.log(logging.INFO if progress else logging.DEBUG, " ".join(map(str, a)))
+
+    def warn(*a: Any) -> None:  # shown even with progress=False
+        if dist.is_main:
+            log.warning(" ".join(map(str, a)))
 
     # --- run directory: rank 0 checks it; every rank stops with the same error --------------------------
     error = None
@@ -399,7 +400,8 @@ def _fit(
     if resuming:  # every weight comes from last.pt: no download, no dependence on the original weights file
         mcfg.pretrained, mcfg.weights = False, None
     model = create_model(mcfg, 0 if metric_task else len(names), cfg.data.img_size)
-    mean, std = model.preprocess.mean, model.preprocess.std
+    model.preprocess = model.preprocess.with_data(cfg.data)  # the run's size/crop, the backbone's mean/std
+    pre = model.preprocess
     if dist.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
@@ -437,11 +439,12 @@ def _fit(
     )
 
     # --- loaders --------------------------------------------------------------------------------------------
-    train_tf = build_transform(cfg.data, mean, std, train=True)
-    eval_tf = build_transform(cfg.data, mean, std, train=False)
+    train_tf = pre.train_transform(cfg.data.aug)
+    eval_tf = pre.transform()
     train_ds = PreparedDataset(data_dir, cfg.data.train_split, train_tf, cfg.data.crop_bbox, records=records)
     val_ds = PreparedDataset(data_dir, cfg.data.val_split, eval_tf, cfg.data.crop_bbox, records=records)
     bs, nw, pin = cfg.data.batch_size, cfg.data.num_workers, device.type == "cuda"
+    train_ds.one_thread_transforms = val_ds.one_thread_transforms = nw == 0  # this loop owns the process
     if metric_task:
         if dist.enabled:
             raise ValueError("task: metric is single-process for now; run it without torchrun / --nproc")
@@ -589,8 +592,8 @@ def _fit(
         if val is None:
             name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]  # type: ignore
         else:
-            name = cfg.train.select_metric
-            if name not in val:
+            name = cfg.train.select_metric  # validated against the task by the config
+            if name == "auto":
                 name = "recall_at_1" if metric_task else "accuracy"
             value = val[name]
             score = -value if name == "loss" else value
@@ -642,7 +645,7 @@ def _fit(
 
     digest = weights_digest(model)
     if dist.enabled:
-        print(f"rank {dist.rank}/{dist.world_size}: final weights sha256 {digest}", flush=True)
+        log.info("rank %d/%d: final weights sha256 %s", dist.rank, dist.world_size, digest)
     barrier(dist)
     return {
         "run_dir": str(out_dir),

@@ -11,7 +11,6 @@ and `model.preprocess` (img_size, mean, std) so the preprocessing travels with t
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -19,6 +18,8 @@ import torch
 from torch import nn
 
 from carspotter.config import ModelConfig
+from carspotter.data.transforms import Preprocess
+from carspotter.utils import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,6 @@ SCRATCH = "scratch_cnn"
 
 class WeightsError(RuntimeError):
     """Pretrained weights cannot be had or do not fit; the message says what to pass instead."""
-
-
-@dataclass
-class Preprocess:
-    img_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CarModel(nn.Module):
@@ -154,20 +144,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, li
             unexpected[:3],
         )
     return report
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """A fast check so an offline machine fails in seconds, not after a minute of download retries."""
-    import os
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _timm_backbone(cfg: ModelConfig) -> nn.Module:

@@ -66,12 +66,12 @@ def _confusion_section(runs: list[RunRecord], top_n: int) -> Section:
     if best is None:
         sec.blocks.append(Para("— no classification run with metrics.json and predictions.csv.", "note"))
         return sec
-    y, p = read_predictions(best.path / "predictions.csv")
+    y, p = read_predictions(best.predictions)
     names = best.class_names
     n = max([len(names), *(v + 1 for v in y + p)]) if (y or p) else len(names)
     names = names + [f"class {i}" for i in range(len(names), n)]
     if not y:
-        sec.blocks.append(Para(f"— {best.path / 'predictions.csv'} has no usable rows.", "note"))
+        sec.blocks.append(Para(f"— {best.predictions} has no usable rows.", "note"))
         return sec
     cm = plots.confusion(y, p, n)
     acc = best.metrics.get("accuracy") if best.metrics else None

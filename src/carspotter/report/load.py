@@ -1,7 +1,8 @@
 """Read run dirs and index dirs into plain records for the report.
 
-The report reads only files (config.yaml, model.json, metrics.csv, metrics.json, metrics_knn*.json,
-predictions.csv; index.json, meta.csv, metrics.json), never a model, so it works on any machine that has
+The report reads only files (config.yaml, model.json, metrics.csv, metrics_test.json, metrics_test_knn*.json,
+predictions_test.csv — or their pre-contract names metrics.json, metrics_knn*.json, predictions.csv; index.json,
+meta.csv, metrics.json; names from `carspotter.rundir`), never a model, so it works on any machine that has
 the directories. Every missing or unreadable piece becomes a note instead of an exception.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carspotter import rundir
 from carspotter.config import ConfigError, ExperimentConfig, load_config
 
 SCRATCH = "scratch_cnn"
@@ -39,6 +41,7 @@ class RunRecord:
     metrics: dict[str, Any] | None = None  # metrics.json
     knn: list[KnnResult] = field(default_factory=list)  # metrics_knn*.json (+ metrics.json of a knn run)
     has_predictions: bool = False
+    predictions: Path | None = None  # predictions_test.csv (or a pre-contract predictions.csv)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -115,7 +118,7 @@ def _knn_name(run: RunRecord, m: dict[str, Any], stem: str) -> str:
         return str(m["name"])
     bits = [f"k={m['k']}" if "k" in m else "", str(m.get("metric", ""))]
     bits = [b for b in bits if b]
-    suffix = stem.removeprefix("metrics_knn").strip("_-") or ""
+    suffix = stem.removeprefix("metrics_test_knn").removeprefix("metrics_knn").strip("_-") or ""
     label = ", ".join(bits) or suffix or "kNN"
     return f"{run.name} + kNN ({label})"
 
@@ -127,29 +130,34 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
     cfg = None
     if not path.is_dir():
         notes.append(f"{path}: not a directory")
-    elif (path / "config.yaml").is_file():
+    elif (path / rundir.CONFIG).is_file():
         try:
-            cfg = load_config(path / "config.yaml")
+            cfg = load_config(path / rundir.CONFIG)
         except ConfigError as e:
-            notes.append(f"{path / 'config.yaml'}: unreadable ({e})")
+            notes.append(f"{path / rundir.CONFIG}: unreadable ({e})")
     else:
-        notes.append(f"{path}: no config.yaml")
+        notes.append(f"{path}: no {rundir.CONFIG}")
     name = cfg.name if cfg and cfg.name and cfg.name != "custom" else path.name
     rec = RunRecord(path=path, name=name, cfg=cfg, notes=notes)
-    rec.model_info = _read_json(path / "model.json", notes) or {}
-    rec.history = read_history(path / "metrics.csv", notes)
-    rec.metrics = _read_json(path / "metrics.json", notes)
-    rec.has_predictions = (path / "predictions.csv").is_file()
+    rec.model_info = _read_json(path / rundir.MODEL_JSON, notes) or {}
+    rec.history = read_history(path / rundir.HISTORY, notes)
+    metrics_path = rundir.find_test_metrics(path) if path.is_dir() else None
+    rec.metrics = _read_json(metrics_path, notes) if metrics_path else None
+    rec.predictions = rundir.find_predictions(path) if path.is_dir() else None
+    rec.has_predictions = rec.predictions is not None
+    knn_files = rundir.knn_result_files(path)
     if path.is_dir() and rec.metrics is None:
         if rec.task != "knn":
-            notes.append(f"{path.name}: no metrics.json (run `carspotter evaluate {path}`); shown as —")
-        elif not any(path.glob("metrics_knn*.json")):
-            notes.append(f"{path.name}: no kNN evaluation (metrics_knn*.json) yet; shown as —")
+            notes.append(
+                f"{path.name}: no {rundir.metrics_name('test')} (run `carspotter evaluate {path}`); shown as —"
+            )
+        elif not knn_files:
+            notes.append(f"{path.name}: no kNN evaluation (metrics_test_knn*.json) yet; shown as —")
     ref = dict(cfg.reference) if cfg else {}
     desc = cfg.description if cfg else ""
     if rec.task == "knn" and rec.metrics is not None:
-        rec.knn.append(KnnResult(rec.name, desc, rec.metrics, ref, path / "metrics.json"))
-    for p in sorted(path.glob("metrics_knn*.json")) if path.is_dir() else []:
+        rec.knn.append(KnnResult(rec.name, desc, rec.metrics, ref, metrics_path or path))
+    for p in knn_files:
         m = _read_json(p, notes)
         if m is None:
             continue
@@ -169,14 +177,14 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
 def load_index_record(index_dir: str | Path) -> IndexRecord:
     path = Path(index_dir)
     rec = IndexRecord(path=path)
-    rec.info = _read_json(path / "index.json", rec.notes) or {}
+    rec.info = _read_json(path / rundir.INDEX_JSON, rec.notes) or {}
     if not rec.info:
-        rec.notes.append(f"{path}: no index.json — not an index dir?")
-    meta = path / "meta.csv"
+        rec.notes.append(f"{path}: no {rundir.INDEX_JSON} — not an index dir?")
+    meta = path / rundir.META_CSV
     if meta.is_file():
         with meta.open(newline="", encoding="utf-8") as f:
             rec.meta = list(csv.DictReader(f))
-    rec.metrics = _read_json(path / "metrics.json", rec.notes)
+    rec.metrics = _read_json(path / rundir.INDEX_METRICS, rec.notes)
     if rec.metrics is None:
         rec.notes.append(f"{path.name}: no metrics.json (run `carspotter index evaluate {path}`); shown as —")
     return rec

@@ -6,18 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carspotter.config import ModelConfig
-from carspotter.models.factory import CarModel, create_model
+from carspotter.data.dataset import splits_dataset
+from carspotter.models.factory import CarModel
+from carspotter.models.loading import backbone_model, load_run, save_weights
 from carspotter.retrieval.index import GalleryIndex
-from carspotter.utils import atomic_write_json, prepare_out_dir, resolve_device
+from carspotter.rundir import EMBEDDER, INDEX_JSON, INDEX_METRICS, EvalResult
+from carspotter.utils import prepare_out_dir, resolve_device
 
-
-def backbone_model(arch: str, weights: str | None, img_size: int, pretrained: bool = True) -> CarModel:
-    """A frozen pretrained backbone as an embedder: frozen features need no training run."""
-    if arch == "scratch_cnn" and not weights:
-        raise ValueError("a bare scratch_cnn backbone has random weights; pass --weights PATH or index a run")
-    cfg = ModelConfig(arch=arch, pretrained=pretrained and not weights, weights=weights)
-    return create_model(cfg, num_classes=0, img_size=img_size).eval()
+__all__ = ["backbone_model", "build_index_from_run", "evaluate_index"]
 
 
 def build_index_from_run(
@@ -41,27 +37,31 @@ def build_index_from_run(
 ) -> GalleryIndex:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
-    `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder.
-    `crop_mode` (center | squash) defaults to the run's own, or "center" for a bare model.
+    `model_info` describes a bare backbone (backbone, weights) so `serve`/`search` can rebuild the embedder;
+    when its weights were downloaded (no local file) they are saved beside the index, so loading never downloads.
+    The model's `Preprocess` (a run's own, from model.json) is recorded whole in index.json; `crop_mode`
+    (center | squash) overrides its crop mode.
     """
-    from carspotter.engine.checkpoint import load_run
-    from carspotter.retrieval.embed import embed_dataset, eval_transform
-    from carspotter.retrieval.knn import _splits_dataset
+    import dataclasses
+
+    from carspotter.retrieval.embed import embed_dataset
 
     if out_dir is not None:
-        prepare_out_dir(Path(out_dir), overwrite=overwrite, marker="index.json")  # fail before the slow part
+        prepare_out_dir(Path(out_dir), overwrite=overwrite, marker=INDEX_JSON)  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
-    resize_size, run_crop, amp = None, "center", "auto"
+    amp = "auto"  # a bare backbone: fp32 on CPU
     if isinstance(run_or_model, CarModel):
         model = run_or_model
     else:
         model, minfo = load_run(run_or_model, dev)
         info["run_dir"] = str(Path(run_or_model).resolve())
         info["class_names_model"] = minfo.class_names
-        resize_size, run_crop, amp = minfo.resize_size, minfo.crop_mode, minfo.amp
-    crop_mode = crop_mode or run_crop
-    ds = _splits_dataset(data_dir, split, eval_transform(model, resize_size, crop_mode))  # "train+val" too
+        amp = minfo.amp
+    pre = model.preprocess
+    if crop_mode is not None:
+        pre = dataclasses.replace(pre, crop_mode=crop_mode)
+    ds = splits_dataset(data_dir, split, pre.transform())  # "train+val" too
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
@@ -70,12 +70,11 @@ def build_index_from_run(
     meta = [
         {"path": r.path, "label": r.label, "class_name": r.class_name, "split": r.split} for r in ds.records
     ]
+    bare_downloaded = bool(info.get("backbone")) and not info.get("weights")
     info.update(
         data_root=str(Path(data_dir).resolve()),
         split=split,
-        preprocess=model.preprocess.to_dict(),
-        resize_size=resize_size,
-        crop_mode=crop_mode,
+        preprocess=pre.to_dict(),
         class_names=ds.class_names,
         embed_source=source,
         amp=amp,  # queries (search, serve) run the same precision and flip averaging as the gallery
@@ -83,16 +82,20 @@ def build_index_from_run(
         embed_time_s=seconds,
         embed_images_per_s=len(ds) / seconds if seconds > 0 else None,
     )
+    if bare_downloaded:
+        info["embedder_weights"] = EMBEDDER
     index = GalleryIndex.build(
         emb, meta, metric=metric, index_type=index_type, info=info, nprobe=nprobe, ef_search=ef_search
     )
     if out_dir is not None:
         index.save(out_dir, overwrite=True)
+        if bare_downloaded:
+            save_weights(model, Path(out_dir) / EMBEDDER)
     return index
 
 
-def evaluate_index(index_dir: str | Path, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
-    """Score the indexed photos against each other (each query excluded) → INDEX_DIR/metrics.json."""
+def evaluate_index(index_dir: str | Path, ks: tuple[int, ...] = (1, 2, 4, 8)) -> EvalResult:
+    """Score the indexed photos against each other (each query excluded); saved as INDEX_DIR/metrics.json."""
     from carspotter.retrieval.metrics import retrieval_metrics
 
     index_dir = Path(index_dir)
@@ -110,8 +113,7 @@ def evaluate_index(index_dir: str | Path, ks: tuple[int, ...] = (1, 2, 4, 8)) ->
         index_type=index.info["index_type"],
         split=index.info.get("split"),
     )
-    atomic_write_json(index_dir / "metrics.json", m)
-    return m
+    return EvalResult(m, index_dir, {INDEX_METRICS: None})
 
 
 def _stored_vectors(index: GalleryIndex) -> Any:

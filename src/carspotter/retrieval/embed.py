@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from carspotter.config import DataConfig
-from carspotter.data.transforms import build_transform
+from carspotter.data.transforms import Preprocess
 from carspotter.models.factory import CarModel
 from carspotter.models.fuse import CPU_CHUNK, fold_batchnorm, forward_chunked
 from carspotter.models.inference import autocast, with_tta
@@ -31,14 +30,6 @@ def _forward(model: CarModel, x: torch.Tensor, source: str) -> torch.Tensor:
     if source == "features" or (source == "auto" and model.embedding is None):
         return model.forward_features(x)
     return model.embed(x)
-
-
-def eval_transform(model: CarModel, resize_size: int | None = None, crop_mode: str = "center"):
-    """Resize the shorter side to round(img_size / 0.875) (or `resize_size`) and centre-crop, or squash the
-    whole photo to img_size² (crop_mode="squash"); normalise with the model's mean/std."""
-    p = model.preprocess
-    data = DataConfig(img_size=p.img_size, resize_size=resize_size, crop_mode=crop_mode)
-    return build_transform(data, p.mean, p.std, train=False)
 
 
 @torch.inference_mode()
@@ -61,6 +52,8 @@ def embed_dataset(
     through the network `cpu_chunk` images at a time (models.fuse): the same vectors to ~1e-6 relative,
     several times faster (BENCHMARKS.md).
     """
+    if num_workers == 0 and hasattr(dataset, "one_thread_transforms"):
+        dataset.one_thread_transforms = True  # this loop owns the process: per-image ops on one thread
     model = model.to(device).eval()
     channels_last = device == "cpu" or device.startswith("cuda")
     if channels_last:
@@ -98,17 +91,16 @@ def embed_images(
     images: Sequence[Image.Image],
     device: str = "cpu",
     source: str = "auto",
-    resize_size: int | None = None,
-    crop_mode: str = "center",
+    preprocess: Preprocess | None = None,
     amp: str = "auto",
     tta: str = "none",
 ) -> np.ndarray:
     """(len(images), D) float32 for in-memory RGB images (serve, search, report).
 
-    Pass the gallery's `resize_size` and `crop_mode` (index.json) so queries are preprocessed exactly like
-    the gallery.
+    Pass the gallery's `preprocess` (index.json) so queries are preprocessed exactly like the gallery; the
+    default is the model's own.
     """
-    tf = eval_transform(model, resize_size, crop_mode)
+    tf = (preprocess or model.preprocess).transform()
     x = torch.stack([tf(im) for im in images]).to(device)  # (B, 3, S, S)
     model = model.to(device).eval()
     with autocast(amp, x.device):

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from carspotter.utils import atomic_path, atomic_write_json, atomic_write_text, prepare_out_dir
+from carspotter.rundir import (
+    INDEX_FAISS,
+    INDEX_FILES,
+    INDEX_JSON,
+    META_CSV,
+    RunError,
+    read_index_json,
+    write_index_json,
+)
+from carspotter.utils import atomic_path, atomic_write_text, prepare_out_dir
 
 METRICS = ("euclidean", "cosine")
 META_COLS = ("path", "label", "class_name", "split")
@@ -39,6 +47,7 @@ class GalleryIndex:
         self.index = index
         self.meta = meta
         self.info = info
+        self.path: Path | None = None  # the index dir it was loaded from / saved to
         self._apply_search_params()
 
     @property
@@ -136,16 +145,17 @@ class GalleryIndex:
     def save(self, index_dir: str | Path, overwrite: bool = False) -> Path:
         import faiss
 
-        index_dir = prepare_out_dir(Path(index_dir), overwrite=overwrite, marker="index.json")
-        with atomic_path(index_dir / "index.faiss") as tmp:
+        index_dir = prepare_out_dir(Path(index_dir), overwrite=overwrite, marker=INDEX_JSON)
+        with atomic_path(index_dir / INDEX_FAISS) as tmp:
             faiss.write_index(self.index, str(tmp))
         buf = io.StringIO()
         cols = list(META_COLS) + sorted({k for m in self.meta for k in m} - set(META_COLS))
         w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(self.meta)
-        atomic_write_text(index_dir / "meta.csv", buf.getvalue())
-        atomic_write_json(index_dir / "index.json", self.info)
+        atomic_write_text(index_dir / META_CSV, buf.getvalue())
+        write_index_json(index_dir, self.info)
+        self.path = index_dir
         return index_dir
 
     @classmethod
@@ -153,20 +163,25 @@ class GalleryIndex:
         import faiss
 
         index_dir = Path(index_dir)
-        for name in ("index.faiss", "meta.csv", "index.json"):
+        for name in INDEX_FILES:
             if not (index_dir / name).is_file():
                 raise GalleryIndexError(
                     f"{index_dir}: not an index directory (no {name}); build one with `carspotter index`"
                 )
-        info = json.loads((index_dir / "index.json").read_text())
-        with (index_dir / "meta.csv").open(newline="", encoding="utf-8") as f:
+        try:
+            info = read_index_json(index_dir)
+        except RunError as e:
+            raise GalleryIndexError(str(e)) from None
+        with (index_dir / META_CSV).open(newline="", encoding="utf-8") as f:
             meta = list(csv.DictReader(f))
-        index = faiss.read_index(str(index_dir / "index.faiss"))
+        index = faiss.read_index(str(index_dir / INDEX_FAISS))
         if index.ntotal != len(meta):
             raise GalleryIndexError(
                 f"{index_dir}: index.faiss has {index.ntotal} vectors but meta.csv {len(meta)} rows"
             )
-        return cls(index, meta, info)
+        out = cls(index, meta, info)
+        out.path = index_dir
+        return out
 
 
 def _nlist(index: Any) -> int:

@@ -7,7 +7,7 @@ lr × `train.proxy_lr_mult` and saves in `last.pt` for an exact resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from pytorch_metric_learning.utils import common_functions as pml_common
 from torch import nn
 
 from carspotter.config import ExperimentConfig
+from carspotter.utils import mix_seed
 
 LOSSES = ("proxy_anchor", "multi_similarity", "arcface")
 
@@ -34,25 +35,49 @@ class MinedLoss(nn.Module):
         return self.loss(embeddings, labels, pairs)
 
 
-def build_metric_loss(cfg: ExperimentConfig, num_classes: int, embed_dim: int) -> nn.Module:
-    """The loss named by `cfg.train.loss`, with the published hyperparameters of each method.
+# The published hyperparameters of each method; `train.<name>` in the config overrides any of them.
+LOSS_DEFAULTS: dict[str, dict[str, float]] = {
+    "proxy_anchor": {"margin": 0.1, "alpha": 32.0},  # Kim et al. 2020
+    "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5, "miner_epsilon": 0.1},  # Wang et al. 2019
+    "arcface": {"margin": 28.6, "scale": 64.0},  # Deng et al. 2019 (margin in degrees)
+}
+_BUILD: dict[str, Callable[[dict[str, float], int, int], nn.Module]] = {
+    "proxy_anchor": lambda h, c, d: losses.ProxyAnchorLoss(c, d, margin=h["margin"], alpha=h["alpha"]),
+    "multi_similarity": lambda h, c, d: MinedLoss(
+        losses.MultiSimilarityLoss(alpha=h["alpha"], beta=h["beta"], base=h["base"]),
+        miners.MultiSimilarityMiner(epsilon=h["miner_epsilon"]),
+    ),
+    "arcface": lambda h, c, d: losses.ArcFaceLoss(c, d, margin=h["margin"], scale=h["scale"]),
+}
 
-    proxy_anchor: Kim et al. 2020 (margin 0.1, alpha 32); multi_similarity: Wang et al. 2019 (alpha 2,
-    beta 50, base 0.5, miner epsilon 0.1); arcface: Deng et al. 2019 (margin 28.6°, scale 64).
+
+def loss_hyperparameters(cfg: ExperimentConfig) -> dict[str, float]:
+    """The loss's published defaults with any `train.margin/alpha/beta/base/scale/miner_epsilon` set."""
+    name = cfg.train.loss
+    if name not in LOSS_DEFAULTS:
+        raise ValueError(f"train.loss: unknown metric loss {name!r} for task: metric; choose one of {LOSSES}")
+    out = dict(LOSS_DEFAULTS[name])
+    for key in out:
+        value = getattr(cfg.train, key)
+        if value is not None:
+            out[key] = float(value)
+    unused = [k for k in ("margin", "alpha", "beta", "base", "scale", "miner_epsilon") if k not in out]
+    if any(getattr(cfg.train, k) is not None for k in unused):
+        raise ValueError(
+            f"train.loss {name!r} takes {sorted(out)}, not {[k for k in unused if getattr(cfg.train, k) is not None]}"
+        )
+    return out
+
+
+def build_metric_loss(cfg: ExperimentConfig, num_classes: int, embed_dim: int) -> nn.Module:
+    """The loss named by `cfg.train.loss`, with `loss_hyperparameters(cfg)`.
+
     All compare embeddings by cosine similarity, so they need no normalisation layer in the model.
     """
     name = cfg.train.loss
     if num_classes < 2:
         raise ValueError(f"train.loss {name!r}: metric learning needs at least 2 classes, got {num_classes}")
-    if name == "proxy_anchor":
-        return losses.ProxyAnchorLoss(num_classes, embed_dim, margin=0.1, alpha=32)
-    if name == "multi_similarity":
-        return MinedLoss(
-            losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
-        )
-    if name == "arcface":
-        return losses.ArcFaceLoss(num_classes, embed_dim, margin=28.6, scale=64)
-    raise ValueError(f"train.loss: unknown metric loss {name!r} for task: metric; choose one of {LOSSES}")
+    return _BUILD[name](loss_hyperparameters(cfg), num_classes, embed_dim)
 
 
 class SeededMPerClassSampler(MPerClassSampler):
@@ -74,8 +99,6 @@ class SeededMPerClassSampler(MPerClassSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        from carspotter.engine.loader import mix_seed
-
         self.labels = list(self._label_order)
         saved = pml_common.NUMPY_RANDOM
         pml_common.NUMPY_RANDOM = np.random.RandomState(mix_seed(self.seed, self.epoch) % 2**32)

@@ -1,4 +1,8 @@
-"""Retrieval metrics on the Cars196 protocol: Recall@K and MAP@R, every query excluded from its own results.
+"""The metrics of carspotter: classification (checked against scikit-learn) and retrieval.
+
+Both engine (training, evaluate) and retrieval (kNN, indexes) import them from here.
+
+Retrieval metrics on the Cars196 protocol: Recall@K and MAP@R, every query excluded from its own results.
 
 Recall@K (as in the metric-learning papers): the fraction of queries with at least one same-class photo among
 their K nearest. MAP@R (Musgrave et al. 2020): for a query with R other same-class photos,
@@ -11,8 +15,36 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, top_k_accuracy_score
 
-from carspotter.retrieval.knn import SearchFn, faiss_search
+from carspotter.retrieval.search import SearchFn, brute_force_search, faiss_search
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None = None, loss: float | None = None
+) -> dict[str, float | None]:
+    """accuracy, top-5 accuracy, and macro F1/precision/recall over the classes present in `y_true`."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.unique(y_true)
+    out: dict[str, float | None] = {
+        "loss": None if loss is None else float(loss),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "top5_accuracy": None,
+        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "precision_macro": float(
+            precision_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
+        "recall_macro": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+    }
+    if probs is not None:
+        n_classes = probs.shape[1]
+        if n_classes <= 5:
+            out["top5_accuracy"] = 1.0
+        else:
+            out["top5_accuracy"] = float(
+                top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(n_classes))
+            )
+    return out
 
 
 def drop_self(ids: np.ndarray, dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +97,6 @@ def brute_force_retrieval_metrics(
     embeddings: np.ndarray, labels: Sequence[int], metric: str = "euclidean", ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[str, float]:
     """The slow obvious loop the fast path is tested against."""
-    from carspotter.retrieval.knn import brute_force_search
-
     y = np.asarray(labels)
     n = len(y)
     recalls = {k: 0 for k in ks}

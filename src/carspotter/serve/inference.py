@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carspotter.engine.checkpoint import RunError, load_run
 from carspotter.models.factory import CarModel
+from carspotter.models.loading import load_run
+from carspotter.rundir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Predictor:
         # the run's precision and TTA (model.json), exactly as `evaluate` and `predict` run it
         self.tta = normalize_tta(self.info.tta if tta is None else tta, where="--tta")
         self.class_names: list[str] = list(self.info.class_names)
-        self.transform = self.info.eval_transform()
+        self.transform = self.model.preprocess.transform()
         self.index = None
         self.embed_model: CarModel | None = None
         if index_dir is not None:

@@ -159,7 +159,7 @@ def read_cell(path: str, column: str, row: int) -> bytes:
 
 def download_hf(repo: str, dest: Path) -> Path:
     """`datasets.load_dataset(repo)` → one parquet file per split in `dest` (read back with `read`)."""
-    from carspotter.models.factory import hub_reachable
+    from carspotter.utils import hub_reachable
 
     if not hub_reachable():
         raise LayoutError(
