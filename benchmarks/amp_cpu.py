@@ -83,11 +83,11 @@ def speed(model: nn.Module, size: int, batch: int, amp: str, reps: int) -> tuple
 def run_accuracy(run: Path, data: Path, split: str) -> dict[str, float]:
     """The run's top-1 on a split in fp32 and in bf16, and the share of photos whose top-1 differs."""
     from carspotter.data.dataset import PreparedDataset
-    from carspotter.engine.checkpoint import load_run
     from carspotter.models.inference import run_model
+    from carspotter.models.loading import load_run
 
-    model, info = load_run(run)
-    ds = PreparedDataset(data, split, info.eval_transform())
+    model, _ = load_run(run)
+    ds = PreparedDataset(data, split, model.preprocess.transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     preds: dict[str, list[torch.Tensor]] = {"none": [], "bf16": []}
     labels = []
