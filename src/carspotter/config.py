@@ -17,6 +17,35 @@ from typing import Any, Literal
 
 import yaml
 
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # precision names (models/inference.py)
+TTA_CHOICES = ("none", "flip")  # test-time augmentation
+_LEGACY_AMP = {
+    "true": "auto",
+    "1": "auto",
+    "yes": "auto",
+    "on": "auto",
+    "false": "none",
+    "0": "none",
+    "no": "none",
+}
+
+
+def normalize_amp(value: Any, where: str = "train.amp") -> str:
+    """A precision name from a config value (old boolean configs: true → auto, false → none)."""
+    v = str(value).strip().lower()
+    v = _LEGACY_AMP.get(v, v)
+    if v not in AMP_CHOICES:
+        raise ValueError(f"{where}: expected one of {', '.join(AMP_CHOICES)} (or true/false), got {value!r}")
+    return v
+
+
+def normalize_tta(value: Any, where: str = "eval.tta") -> str:
+    v = "none" if value is None else str(value).strip().lower()
+    if v not in TTA_CHOICES:
+        raise ValueError(f"{where}: expected one of {', '.join(TTA_CHOICES)}, got {value!r}")
+    return v
+
+
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +99,10 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     batchnorm: bool = False
     hidden_dim: int = 256  # width of the fully connected layer before the classifier (0 = none)
+    # BatchNorm1d in that hidden layer. The BatchNorm presets (S2, S3, strong-cnn-scratch) set it: without it
+    # their hidden units die in epoch 1 and the network predicts the class prior (models/scratch.py).
+    # Default false so runs saved before it existed load with the layout they were trained with.
+    hidden_bn: bool = False
     # Preprocessing; None = the backbone's own pretrained config (timm data config).
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -117,7 +150,9 @@ class TrainConfig:
         "recall_at_8",
         "map_at_r",
     ] = "auto"
-    amp: bool = True  # autocast where the device supports it (bf16 on CUDA/CPU)
+    # Precision (models/inference.py): auto = bf16 autocast on CUDA, fp32 on CPU | none = fp32 | bf16 | fp16
+    # (explicit opt-in on any device). Recorded in model.json: evaluate/predict/serve/index use the same.
+    amp: str = "auto"
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -127,6 +162,9 @@ class TrainConfig:
     proxy_lr_mult: float = 100.0  # metric learning: proxies learn faster than the network
     sync_bn: bool = False  # DDP: convert BatchNorm to SyncBatchNorm
     log_every: int = 20  # steps between progress/TensorBoard updates
+    # Training photos (a fixed, evenly spaced subset; 0 = off) scored in eval mode after every epoch, so a
+    # network that cannot fit its training set shows in metrics.csv (train_eval_*) whatever dropout hides.
+    eval_train_max: int = 1024
     # Metric-learning loss hyperparameters (task: metric); None = the method's published value
     # (retrieval.losses.LOSS_DEFAULTS: proxy_anchor margin 0.1 alpha 32; multi_similarity alpha 2 beta 50
     # base 0.5 miner_epsilon 0.1; arcface margin 28.6 scale 64).
@@ -140,6 +178,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto | cpu | mps | cuda | cuda:N")
+        try:
+            self.amp = normalize_amp(self.amp)  # old configs: true → auto, false → none
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class EvalConfig:
+    """Defaults for evaluate/predict/serve, recorded with the run (model.json); each command can override."""
+
+    tta: str = "none"  # none | flip (mean of the logits of the photo and its mirror image)
+
+    def __post_init__(self) -> None:
+        try:
+            self.tta = normalize_tta(self.tta)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -164,6 +219,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         """Checks across sections (run when a config is loaded or overridden; each field is checked alone by
@@ -216,6 +272,8 @@ ALIASES: dict[str, str] = {
     "seed": "train.seed",
     "k": "retrieval.k",
     "metric": "retrieval.metric",
+    "amp": "train.amp",
+    "tta": "eval.tta",
 }
 
 

@@ -196,9 +196,9 @@ def scale_overrides(
         o["model.arch"] = backbone
         o["model.pretrained"] = weights["mode"] == "download"
         o["model.weights"] = weights.get("path")
-        if scale.img_size and cfg.train.amp and cpu:
+        if scale.img_size and cfg.train.amp in ("bf16", "fp16") and cpu:
             o["train.amp"] = (
-                False  # bf16 autocast measured ~2× slower than fp32 for the backbone at ≤ 64 px on CPU
+                "none"  # bf16 autocast measured ~2× slower than fp32 for the backbone at ≤ 64 px on CPU
             )
     return o
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carspotter.config import ExperimentConfig, load_config
+from carspotter.config import ExperimentConfig, load_config, normalize_amp, normalize_tta
 from carspotter.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,10 @@ def knn_metrics_name(
     weighting: str = "majority",
     gallery_split: str | None = None,
     data: str = "",
+    options: tuple[str, ...] = (),
 ) -> str:
-    """`evaluate … --knn` → metrics_test_knn7_cosine.json; a non-default weighting or gallery adds a part."""
+    """`evaluate … --knn` → metrics_test_knn7_cosine.json; a non-default weighting or gallery adds a part,
+    and so does each embedding option (layer, flip, l2)."""
     parts = [f"metrics_{_tag(split.replace('+', '-'))}_knn{int(k)}"]
     if metric:
         parts.append(metric)
@@ -126,6 +128,7 @@ def knn_metrics_name(
         parts.append(weighting)
     if gallery_split and gallery_split != "train":
         parts.append("g" + _tag(gallery_split.replace("+", "-")))
+    parts += [_tag(o) for o in options]
     return "_".join(parts) + f"{data}.json"
 
 
@@ -188,6 +191,8 @@ class ModelInfo:
     preprocess: dict[str, Any]  # data.transforms.Preprocess as a dict (complete)
     source: str = ""  # where the weights came from (run dir, pretrained file …)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept on rewrite
+    amp: str = "auto"  # train.amp: the precision every command runs this model at (models/inference.py)
+    tta: str = "none"  # eval.tta: default test-time augmentation of evaluate/predict/serve
 
     @property
     def resize_size(self) -> int | None:
@@ -209,6 +214,8 @@ class ModelInfo:
             "class_names": self.class_names,
             "preprocess": self.preprocess,
             "source": self.source,
+            "amp": self.amp,
+            "tta": self.tta,
         }
 
     @classmethod
@@ -222,6 +229,8 @@ class ModelInfo:
                 "source",
                 "resize_size",
                 "crop_mode",
+                "amp",
+                "tta",
             }
             return cls(
                 model=dict(d["model"]),
@@ -229,6 +238,8 @@ class ModelInfo:
                 class_names=list(d["class_names"]),
                 preprocess=complete_preprocess(d["preprocess"], d),
                 source=str(d.get("source") or ""),
+                amp=normalize_amp(d.get("amp", "auto"), where=f"{where}: amp"),
+                tta=normalize_tta(d.get("tta", "none"), where=f"{where}: tta"),
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError) as e:

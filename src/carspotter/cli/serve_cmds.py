@@ -53,6 +53,7 @@ def serve(
     admin_token_file: Path | None = typer.Option(
         None, "--admin-token-file", help="Enable POST/DELETE /api/enrol for callers with this file's token."
     ),
+    tta: str | None = typer.Option(None, "--tta", help="none | flip (default: the run's eval.tta)."),
 ) -> None:
     """Serve a page where a photo gets its top-5 classes and its most similar gallery photos."""
     import torch
@@ -85,6 +86,7 @@ def serve(
         zoom=ZoomSettings(zoom_combine) if zoom else None,
         allowed_hosts=allowed_hosts_for(host, allow_host),
         admin_token_file=admin_token_file,
+        tta=tta,
     )
     typer.echo(
         f"carspotter: serving {run_dir}"

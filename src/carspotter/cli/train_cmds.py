@@ -68,6 +68,12 @@ def train(
     lr: float | None = typer.Option(None, "--lr"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int | None = typer.Option(None, "--seed"),
+    amp: str | None = typer.Option(
+        None, "--amp", help="Precision: auto (bf16 on CUDA, fp32 on CPU; default) | none | bf16 | fp16."
+    ),
+    tta: str | None = typer.Option(
+        None, "--tta", help="Default test-time augmentation of evaluate/predict/serve: none | flip."
+    ),
     num_workers: int | None = typer.Option(None, "--num-workers"),
     set_: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE config override, e.g. optim.name=sgd (repeatable)."
@@ -106,6 +112,8 @@ def train(
         "device": device,
         "seed": seed,
         "num_workers": num_workers,
+        "amp": amp,
+        "tta": tta,
     }
     cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
     cfg = apply_overrides(cfg, parse_set_args(set_))
@@ -162,6 +170,13 @@ def evaluate(
     ),
     box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
     box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
+    tta: str | None = typer.Option(
+        None, "--tta", help="none | flip (default: the run's eval.tta; with --knn: flip-averaged embeddings)."
+    ),
+    embed_source: str = typer.Option(
+        "auto", "--embed-source", help="kNN layer: auto | features (pooled pre-logit) | embedding | logits."
+    ),
+    l2: bool = typer.Option(False, "--l2/--no-l2", help="kNN: L2-normalise embeddings before the search."),
 ) -> None:
     """Evaluate a run on a split (metrics_SPLIT.json, predictions_SPLIT.csv), kNN on its embeddings, or an index."""
     from carspotter.rundir import is_index_dir, read_run_config
@@ -198,6 +213,9 @@ def evaluate(
             gallery_split or r.gallery_split,
             device=device,
             weighting=weighting or r.weighting,
+            source=embed_source,
+            tta=tta or "none",
+            normalize=l2,
         )
         title = f"kNN k={k} ({metric}) on {split}"
     elif zoom:
@@ -216,61 +234,11 @@ def evaluate(
     else:
         from carspotter.engine.evaluate import evaluate_run
 
-        result = evaluate_run(path, data, split=split, device=device, batch_size=batch_size)
+        result = evaluate_run(path, data, split=split, device=device, batch_size=batch_size, tta=tta)
         title = f"{path} on {split}"
     written = result.save()
     _table(title, [(k, v) for k, v in result.items() if not isinstance(v, dict | list)], ("metric", "value"))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
-
-
-def predict(
-    run_dir: Path = typer.Argument(..., help="A run directory."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
-    k: int = typer.Option(5, "--k", help="How many classes to show per image."),
-    device: str = typer.Option("cpu", "--device"),
-    explain: Path | None = typer.Option(
-        None,
-        "--explain",
-        help="Also write heat-map, evidence panel and explain.json per photo into this folder.",
-    ),
-    index: Path | None = typer.Option(None, "--index", help="Gallery index for --explain evidence photos."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier --explain folder."),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print JSON (top-k and the car's box) instead of tables."
-    ),
-    zoom: bool = typer.Option(
-        False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
-    ),
-    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
-    zoom_margin: float | None = typer.Option(
-        None, "--zoom-margin", help="Context around the box for the crop."
-    ),
-    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
-    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
-) -> None:
-    """Print the top-k classes with probabilities for each image, and where the car is (normalised box)."""
-    import json
-
-    from carspotter.explain.zoom import predict_with_box
-
-    zs = _zoom(zoom_combine, zoom_margin) if zoom else None
-    results = predict_with_box(
-        run_dir, [str(p) for p in images], k=k, zoom=zs, box=_box(box_threshold, box_margin), device=device
-    )
-    if json_out:
-        typer.echo(json.dumps(results, indent=2))
-    for res in [] if json_out else results:
-        rows = [(i + 1, t["class_name"], f"{100 * t['prob']:.1f}%") for i, t in enumerate(res["top"])]
-        typer.echo(
-            f"{res['path']}  car at x1,y1,x2,y2 = {res['box']}" + ("  (zoomed)" if res["zoomed"] else "")
-        )
-        _table("", rows, ("#", "class", "probability"))
-    if explain is not None:
-        from carspotter.cli.explain_cmds import load_explainer, write_batch
-        from carspotter.explain.cam import DEFAULT_METHOD
-
-        px = load_explainer(run_dir, index, DEFAULT_METHOD, device)
-        typer.echo(f"explanations → {write_batch(px, images, explain, 3, overwrite, typer.echo)}")
 
 
 def _zoom(combine: str, margin: float | None):  # -> ZoomSettings

@@ -19,10 +19,38 @@ def predict(
     device: str = typer.Option("cpu", "--device"),
     batch_size: int = typer.Option(32, "--batch-size"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    tta: str | None = typer.Option(None, "--tta", help="none | flip (default: the run's eval.tta)."),
+    zoom: bool = typer.Option(
+        False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
+    ),
+    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom_margin: float | None = typer.Option(
+        None, "--zoom-margin", help="Context around the box for the crop."
+    ),
+    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
+    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
+    index: Path | None = typer.Option(
+        None,
+        "--index",
+        help="A gallery index: answer over trained + gallery (incl. enrolled) classes; evidence for --explain.",
+    ),
+    gallery_weight: float | None = typer.Option(
+        None, "--gallery-weight", min=0.0, max=1.0, help="With --index: weight of the gallery's vote (0.5)."
+    ),
+    explain: Path | None = typer.Option(
+        None,
+        "--explain",
+        help="Also write heat-map, evidence panel and explain.json per photo into this folder.",
+    ),
 ) -> None:
-    """Say which car each photo shows: make → model → year with calibrated probabilities, or "not sure"."""
+    """Say which car each photo shows: make → model → year with calibrated probabilities, or "not sure",
+    and where the car is in the photo (`box`, normalised x1, y1, x2, y2)."""
+    from functools import partial
+
     from carspotter.engine.answer import answer_lines
     from carspotter.engine.batch_predict import answers_csv, answers_json, expand_paths, predict_files
+    from carspotter.explain.zoom import Looker
+    from carspotter.models.inference import autocast_dtype, normalize_tta
     from carspotter.utils import OutputExistsError, atomic_write_text
 
     if k < 1:
@@ -42,7 +70,31 @@ def predict(
         total=len(files), unit="img", desc="photos", leave=False, disable=not progress or len(files) < 2
     )
     try:
-        rows = predict_files(run_dir, files, k=k, device=device, batch_size=batch_size, progress=bar.update)
+        from carspotter.cli.train_cmds import _box, _zoom
+        from carspotter.rundir import read_model_info
+
+        info = read_model_info(run_dir)
+        tta_used = normalize_tta(info.tta if tta is None else tta, where="--tta")
+        looker = partial(
+            Looker,
+            box=_box(box_threshold, box_margin),
+            zoom=_zoom(zoom_combine, zoom_margin) if zoom else None,
+            device=device,
+            autocast=autocast_dtype(info.amp, device),
+            tta=tta_used,
+        )
+        rows = predict_files(
+            run_dir,
+            files,
+            k=k,
+            device=device,
+            batch_size=batch_size,
+            progress=bar.update,
+            tta=tta_used,
+            looker=looker,
+            index_dir=index,
+            gallery_weight=gallery_weight,
+        )
     finally:
         bar.close()
     if out is not None:
@@ -55,12 +107,21 @@ def predict(
         typer.echo(answers_json(rows), nl=False)
     elif out is None:
         for r in rows:
-            typer.echo(r["path"])
+            where = f"  car at x1,y1,x2,y2 = {r['box']}" if r.get("box") else ""
+            typer.echo(r["path"] + where + ("  (zoomed)" if r.get("zoomed") else ""))
             for line in answer_lines(r):
                 typer.echo(f"  {line}")
             if not r.get("error"):
                 for i, t in enumerate(r["predictions"]):
                     typer.echo(f"    {i + 1}. {t['class_name']}  {100 * t['probability']:.1f} %")
+
+    if explain is not None:
+        from carspotter.cli.explain_cmds import load_explainer, write_batch
+        from carspotter.explain.cam import DEFAULT_METHOD
+
+        px = load_explainer(run_dir, index, DEFAULT_METHOD, device)
+        ok = [f for f, r in zip(files, rows, strict=True) if not r.get("error")]
+        typer.echo(f"explanations → {write_batch(px, ok, explain, 3, overwrite, typer.echo)}")
 
 
 def calibrate(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from carspotter.data.images import ImageError, open_rgb
 from carspotter.data.layouts.base import image_files
@@ -62,35 +63,82 @@ def predict_files(
     device: str = "cpu",
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    tta: str | None = None,
+    looker: Callable[[Any, Any], Callable[[list[Image.Image]], Any]] | None = None,
+    index_dir: str | Path | None = None,
+    gallery_weight: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One answer dict per file, in order (see engine.answer); unreadable files get {"path", "error"}."""
+    """One answer dict per file, in order (see engine.answer); unreadable files get {"path", "error"}.
+
+    Photos run at the run's precision and test-time augmentation (model.json; `tta` overrides), as
+    `evaluate` and `serve` run them. `looker(model, info)` (explain.zoom.Looker, passed in so this layer does
+    not import explain) gives the logits and where the car is (`box`, and `zoom` with a second look).
+    `index_dir`: a gallery whose classes (enrolled ones too) join the run's (retrieval.open_classify).
+    """
+    from carspotter.models import inference
+
     model, info = load_run(run_dir, device)
     if info.num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
     cal = load_calibration(run_dir)
     tf = model.preprocess.transform()
     hier = Hierarchy.from_names(info.class_names)
+    tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
+    look = looker(model, info) if looker is not None else None
+    gallery = _gallery(run_dir, index_dir, model, info, device, gallery_weight) if index_dir else None
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        ok_idx, tensors, slot = [], [], {}
+        ok_idx, images, slot = [], [], {}
         for i, f in enumerate(chunk):
             try:
-                tensors.append(tf(open_rgb(f)))
+                im = open_rgb(f)
+                tf(im)  # a photo the transform cannot take is that photo's error, not the batch's
+                images.append(im)
                 ok_idx.append(i)
             except ImageError as e:
                 slot[i] = error_row(f, f"{e.reason}" + (f": {e}" if e.reason == "unreadable" else ""))
             except Exception as e:  # a decoder failure Pillow did not classify: still a row, never a crash
                 slot[i] = error_row(f, f"cannot read ({type(e).__name__})")
-        if tensors:
-            with torch.inference_mode():
-                logits = model(torch.stack(tensors).to(device)).float().cpu()  # (B, C)
-            for i, a in zip(ok_idx, build_answers(logits, info.class_names, cal, k, hier), strict=True):
+        if images:
+            looks = look(images) if look is not None else None
+            if looks is not None:
+                logits = looks.logits.float().cpu()  # (B, C)
+            else:
+                x = torch.stack([tf(im) for im in images]).to(device)
+                logits = inference.run_model(model, x, info.amp, tta).cpu()  # (B, C)
+            if gallery is None:
+                answers = build_answers(logits, info.class_names, cal, k, hier)
+            else:
+                oc, embed = gallery
+                probs = torch.from_numpy(oc.probs(cal.probs(logits).numpy(), embed(images)))  # (B, U)
+                answers = build_answers(None, oc.names, cal, k, probs=probs)
+            for j, (i, a) in enumerate(zip(ok_idx, answers, strict=True)):
+                if looks is not None:
+                    a["box"] = [round(float(v), 4) for v in looks.boxes[j]]
+                    a["zoomed"] = bool(looks.zoomed[j]) if looks.zoomed is not None else False
                 slot[i] = {"path": str(chunk[i]), "error": None, **a}
         rows.extend(slot[i] for i in range(len(chunk)))
         if progress:
             progress(len(chunk))
     return rows
+
+
+def _gallery(
+    run_dir: str | Path, index_dir: str | Path, model: Any, info: Any, device: str, weight: float | None
+) -> tuple[Any, Callable[[list[Image.Image]], Any]]:
+    """(OpenClassifier over the run's ∪ the gallery's classes, photos → query vectors like the gallery's)."""
+    from carspotter.retrieval.index import GalleryIndex
+    from carspotter.retrieval.open_classify import DEFAULT_GALLERY_WEIGHT, OpenClassifier
+    from carspotter.retrieval.query import embed_queries, embedder_for_index
+
+    index = GalleryIndex.load(index_dir)
+    src = index.info.get("run_dir")
+    same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
+    emb_model = model if same else embedder_for_index(index, device)
+    w = DEFAULT_GALLERY_WEIGHT if weight is None else weight
+    oc = OpenClassifier(index, info.class_names, w)
+    return oc, lambda images: embed_queries(index, emb_model, images, device)
 
 
 def answers_json(rows: list[dict[str, Any]]) -> str:

@@ -54,6 +54,8 @@ def model_info(model: CarModel, cfg: ExperimentConfig, class_names: list[str]) -
         num_classes=model.num_classes,
         class_names=list(class_names),
         preprocess=model.preprocess.with_data(cfg.data).to_dict(),
+        amp=cfg.train.amp,
+        tta=cfg.eval.tta,
     )
 
 

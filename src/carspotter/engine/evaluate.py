@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from carspotter.engine.predict_logits import autocast_dtype
+from carspotter.models import inference
 from carspotter.models.loading import load_run
 from carspotter.retrieval.metrics import classification_metrics
 from carspotter.rundir import (
@@ -31,6 +31,11 @@ __all__ = ["PRED_COLUMNS", "autocast_dtype", "classification_metrics", "evaluate
 
 # label -1: a class the run does not know; confidence = calibrated; unknown = below the open-set threshold
 PRED_COLUMNS = ["path", "label", "pred", "confidence", "top5_labels", "top5_probs", "unknown"]
+
+
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The run's precision (train.amp; models/inference.py) on `device`; None = fp32."""
+    return inference.autocast_dtype(amp, device)
 
 
 def _predictions_csv(
@@ -63,8 +68,11 @@ def evaluate_run(
     split: str = "test",
     device: str = "auto",
     batch_size: int | None = None,
+    tta: str | None = None,
 ) -> EvalResult:
     """Evaluate best.safetensors on a split → metrics (+ predictions CSV text for a classifier).
+
+    Precision and TTA are the run's (model.json), as in predict and serve; `tta` overrides the latter.
 
     `.save()` writes RUN_DIR/metrics_<split>[@<data>].json and predictions_<split>[@<data>].csv
     (rundir names: a result on another split or dataset never overwrites this one). Classes are matched to
@@ -76,7 +84,7 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size)
+    res = split_logits(run_dir, data_dir, split, device=device, batch_size=batch_size, tta=tta)
     tag = data_tag(res.data_dir, cfg.data.root)
     out, labels = res.outputs, res.labels
     n = len(labels)
@@ -115,15 +123,17 @@ def evaluate_run(
         )
     metrics["device"] = res.device
     metrics["autocast"] = res.autocast
+    metrics["tta"] = res.tta
     if tag:
         metrics["data"] = str(res.data_dir)
     return EvalResult(metrics, run_dir, files)
 
 
 def predict_images(
-    run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu"
+    run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu", tta: str | None = None
 ) -> list[dict[str, Any]]:
-    """Top-k classes per image (calibrated): [{"path", "top": [{"label", "class_name", "prob"}, …]}]."""
+    """Top-k classes per image (calibrated): [{"path", "top": [{"label", "class_name", "prob"}, …]}], at the
+    run's precision and TTA (model.json; `tta` overrides), exactly as `evaluate` scores them."""
     from carspotter.data.images import open_rgb
 
     model, info = load_run(run_dir, device)
@@ -134,8 +144,8 @@ def predict_images(
     tf = model.preprocess.transform()
     cal = load_calibration(run_dir)
     x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
-    with torch.inference_mode():
-        probs = cal.probs(model(x).float().cpu())  # (N, C), calibrated
+    tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
+    probs = cal.probs(inference.run_model(model, x, info.amp, tta).cpu())  # (N, C), calibrated
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         {

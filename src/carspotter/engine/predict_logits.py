@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from carspotter.data.taxonomy import canonical_name
+from carspotter.models import inference
 from carspotter.models.fuse import CPU_CHUNK, forward_chunked
 from carspotter.models.loading import load_run
 from carspotter.rundir import RunError, read_run_config
@@ -30,24 +31,13 @@ class SplitOutputs:
     seconds: float  # forward passes only
     device: str
     autocast: str
+    tta: str
     n_dataset_classes: int
     unknown_classes: list[str]
 
     @property
     def logits(self) -> torch.Tensor:
         return self.outputs
-
-
-def autocast_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (there it measured ~1.5–2× faster than fp32 for
-    EfficientNet-Lite0/ResNet-50; tiny CNNs are faster in fp32, so tests turn it off); None = fp32."""
-    if not enabled:
-        return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def class_mapping(dataset_names: list[str], run_names: list[str]) -> np.ndarray:
@@ -65,8 +55,10 @@ def split_logits(
     device: str = "auto",
     batch_size: int | None = None,
     embed: bool | None = None,
+    tta: str | None = None,
 ) -> SplitOutputs:
-    """The run's outputs (logits, or embeddings when `embed`/a metric run) for every photo of `split`."""
+    """The run's outputs (logits, or embeddings when `embed`/a metric run) for every photo of `split`, at the
+    run's precision and test-time augmentation (model.json; `tta` overrides it), as predict and serve run."""
     from carspotter.data.dataset import PreparedDataset
 
     run_dir = Path(run_dir)
@@ -96,12 +88,10 @@ def split_logits(
     if dev.type == "cpu" or cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     outputs, seconds = [], 0.0
-    amp = autocast_dtype(cfg.train.amp, dev)  # as in training
-    fn = model.embed if metric_task else model
-    with (
-        torch.inference_mode(),
-        torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-    ):
+    amp = inference.autocast_dtype(info.amp, dev)  # the run's precision, as in predict, serve and index
+    tta = "none" if metric_task else inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
+    fn = inference.with_tta(model.embed if metric_task else model, tta)
+    with inference.autocast(info.amp, dev), torch.inference_mode():
         for x, _ in loader:
             x = x.to(dev, memory_format=torch.channels_last)
             t0 = time.perf_counter()
@@ -120,6 +110,7 @@ def split_logits(
         seconds=seconds,
         device=str(dev),
         autocast=str(amp).replace("torch.", "") if amp else "off",
+        tta=tta,
         n_dataset_classes=len(ds.class_names),
         unknown_classes=unknown,
     )

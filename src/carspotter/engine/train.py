@@ -65,6 +65,8 @@ CLS_COLUMNS = [
     "lr",
     "train_loss",
     "train_accuracy",
+    "train_eval_loss",  # eval mode (no dropout, BN running stats, no augmentation) on training photos
+    "train_eval_accuracy",
     "val_loss",
     "val_accuracy",
     "val_f1_macro",
@@ -474,6 +476,24 @@ def _fit(
             if len(val_ds)
             else None
         )
+    probe_loader = None  # eval-mode pass over (a fixed subset of) the training photos, every epoch
+    if not metric_task and cfg.train.eval_train_max:
+        from torch.utils.data import Subset
+
+        from carspotter.engine.train_probe import probe_indices
+
+        idx = probe_indices(len(train_ds), cfg.train.eval_train_max)
+        plain_train = (
+            train_items
+            if cache
+            else SeededItems(
+                PreparedDataset(data_dir, cfg.data.train_split, eval_tf, cfg.data.crop_bbox, records=records),
+                seed,
+                False,
+            )
+        )
+        probe_sampler = eval_sampler(len(idx), dist.rank, dist.world_size)
+        probe_loader = make_loader(Subset(plain_train, idx), probe_sampler, bs, 0 if cache else nw, seed)
     if len(train_loader) == 0:
         raise ValueError(f"{data_dir}: too few training images for one batch of {bs}")
     steps_per_epoch = math.ceil(len(train_loader) / ctx.accum)
@@ -563,6 +583,12 @@ def _fit(
             val = val_metrics(cfg, evaluate(fwd, val_loader, ctx))
             # plain Python scalars only: last.pt must stay loadable with weights_only=True
             val = {k: (None if v is None else float(v)) for k, v in val.items() if _is_scalar(v)}
+        if probe_loader is not None:
+            eval_model.eval()
+            fwd = eval_model.forward_head if cache else eval_model
+            probe = val_metrics(cfg, evaluate(fwd, probe_loader, ctx, desc="train (eval mode)"))
+            train_stats["train_eval_loss"] = float(probe["loss"])
+            train_stats["train_eval_accuracy"] = float(probe["accuracy"])
         if val is None:
             name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]  # type: ignore
         else:
@@ -648,6 +674,10 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool, metric_task: b
     parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.2e}", f"train loss {row['train_loss']:.4f}"]
     if row.get("train_accuracy") is not None:
         parts.append(f"acc {100 * row['train_accuracy']:.1f}%")
+    if row.get("train_eval_accuracy") is not None:
+        parts.append(
+            f"(eval mode: loss {row['train_eval_loss']:.4f} acc {100 * row['train_eval_accuracy']:.1f}%)"
+        )
     if metric_task and row.get("val_recall_at_1") is not None:
         parts.append(f"val R@1 {100 * row['val_recall_at_1']:.1f}%")
     elif row.get("val_accuracy") is not None:

@@ -110,8 +110,13 @@ class Looker:
         zoom: ZoomSettings | None = None,
         device: str | torch.device = "cpu",
         autocast: torch.dtype | None = None,
+        tta: str = "none",
     ) -> None:
+        from carspotter.models.inference import normalize_tta, with_tta
+
         self.model, self.info = model, info
+        self.tta = normalize_tta(tta)
+        self.forward = with_tta(model, self.tta)  # the run's test-time augmentation, as evaluate runs it
         self.box = box or BoxSettings()
         self.zoom = zoom
         self.device = torch.device(device)
@@ -143,9 +148,13 @@ class Looker:
 
     def __call__(self, images: Sequence[Image.Image]) -> Looks:
         t0 = time.perf_counter()
+        x = self._batch(images)
         with self._ctx():
-            act = activation_maps(self.model, self._batch(images))
-        first = act.logits.cpu()
+            act = activation_maps(self.model, x)
+        first = act.logits.float().cpu()
+        if self.tta != "none":  # the box comes from the photo as given; the answer from every view
+            with torch.no_grad(), self._ctx():
+                first = (first + self.model(torch.flip(x, dims=(3,))).float().cpu()) / 2
         boxes = self.boxes_for(images, act.maps)
         t1 = time.perf_counter()
         looks = Looks(first, first, boxes, method=act.method, seconds={"first": t1 - t0, "second": 0.0})
@@ -160,7 +169,7 @@ class Looker:
         if idx.size:
             crops = [zoom_crop(images[i], tuple(boxes[i]), self.zoom.margin) for i in idx]  # type: ignore[arg-type]
             with torch.no_grad(), self._ctx():
-                second[torch.as_tensor(idx)] = self.model(self._batch(crops)).float().cpu()
+                second[torch.as_tensor(idx)] = self.forward(self._batch(crops)).float().cpu()
         if self.zoom.combine == "zoom":
             logits = second
         else:

@@ -178,7 +178,7 @@ def create_model(cfg: ModelConfig, num_classes: int, img_size: int = 224) -> Car
         from carspotter.models.scratch import ScratchBackbone
 
         backbone: nn.Module = ScratchBackbone(
-            cfg.channels, batchnorm=cfg.batchnorm, hidden_dim=cfg.hidden_dim
+            cfg.channels, batchnorm=cfg.batchnorm, hidden_dim=cfg.hidden_dim, hidden_bn=cfg.hidden_bn
         )
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         interp = "bilinear"

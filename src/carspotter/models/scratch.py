@@ -1,4 +1,11 @@
-"""The from-scratch CNN family of the reference study: n × [conv3x3 → (BN) → ReLU → MaxPool], then FC."""
+"""The from-scratch CNN family of the reference study: n × [conv3x3 → (BN) → ReLU → MaxPool], then FC.
+
+`hidden_bn` puts a BatchNorm1d between the hidden FC and its ReLU. Without it the BatchNorm networks (S2, S3,
+strong-cnn-scratch) collapse to the class prior on real photos: the FC's 4,096 inputs are all positive (ReLU →
+pool), so Adam's sign-like first steps move each hidden unit's pre-activation by ≈ lr · Σx for every photo at
+once, and 96 % of the 256 hidden units were dead (zero for every training photo) after epoch 1 on cars-small
+(scripts/diagnostics/scratch_collapse.py). BatchNorm re-centres each unit over the batch, so none can die.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ from torch import nn
 class ScratchBackbone(nn.Module):
     """Conv blocks → 4×4 adaptive average pool → flatten → FC(hidden) → ReLU. `num_features` = hidden width."""
 
-    def __init__(self, channels: list[int], batchnorm: bool = False, hidden_dim: int = 256) -> None:
+    def __init__(
+        self, channels: list[int], batchnorm: bool = False, hidden_dim: int = 256, hidden_bn: bool = False
+    ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         c_in = 3
@@ -24,7 +33,10 @@ class ScratchBackbone(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(4)
         flat = c_in * 16
         if hidden_dim:
-            self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden_dim), nn.ReLU(inplace=True))
+            fc: list[nn.Module] = [nn.Flatten(), nn.Linear(flat, hidden_dim, bias=not hidden_bn)]
+            if hidden_bn:
+                fc.append(nn.BatchNorm1d(hidden_dim))
+            self.fc = nn.Sequential(*fc, nn.ReLU(inplace=True))
             self.num_features = hidden_dim
         else:
             self.fc = nn.Flatten()
@@ -50,6 +62,6 @@ def he_init(m: nn.Module) -> None:
         )
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)

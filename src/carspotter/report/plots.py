@@ -52,11 +52,16 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 def training_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
     """Loss and accuracy per epoch, train vs val; None when metrics.csv has nothing to plot."""
     panels = [
-        ("Loss", [("train_loss", "train"), ("val_loss", "val")], False),
+        (
+            "Loss",
+            [("train_loss", "train"), ("train_eval_loss", "train (eval mode)"), ("val_loss", "val")],
+            False,
+        ),
         (
             "Accuracy",
             [
                 ("train_accuracy", "train"),
+                ("train_eval_accuracy", "train (eval mode)"),
                 ("val_accuracy", "val"),
                 ("val_recall_at_1", "val Recall@1"),
                 ("val_f1_macro", "val F1 (macro)"),
@@ -75,7 +80,14 @@ def training_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
             xs, ys = _series(history, key)
             if xs:
                 ys_plot = [100 * y if is_pct and y <= 1 else y for y in ys]
-                ax.plot(xs, ys_plot, marker="o", ms=3, label=label, ls="--" if "f1" in key else "-")
+                ax.plot(
+                    xs,
+                    ys_plot,
+                    marker="o",
+                    ms=3,
+                    label=label,
+                    ls="--" if "f1" in key else ":" if "eval" in key else "-",
+                )
         epochs = sorted({x for key, _ in keys for x in _series(history, key)[0]})
         if epochs and len(epochs) <= 12:
             ax.set_xticks(epochs)

@@ -34,6 +34,7 @@ def build_index_from_run(
     model_info: dict[str, Any] | None = None,
     crop_mode: str | None = None,
     dist: Any = None,
+    tta: str = "none",
 ) -> GalleryIndex | None:
     """Embed `split` of a prepared dir with a run's best weights (or a given model) and index it.
 
@@ -56,12 +57,14 @@ def build_index_from_run(
         prepare_out_dir(Path(out_dir), overwrite=overwrite, marker=INDEX_JSON)  # fail before the slow part
     dev = resolve_device(device)
     info: dict[str, Any] = dict(model_info or {})
+    amp = "auto"  # a bare backbone: fp32 on CPU
     if isinstance(run_or_model, CarModel):
         model = run_or_model
     else:
         model, minfo = load_run(run_or_model, dev)
         info["run_dir"] = str(Path(run_or_model).resolve())
         info["class_names_model"] = minfo.class_names
+        amp = minfo.amp
     pre = model.preprocess
     if crop_mode is not None:
         pre = dataclasses.replace(pre, crop_mode=crop_mode)
@@ -70,7 +73,9 @@ def build_index_from_run(
         raise ValueError(f"{data_dir}: split {split!r} has no photos")
     t0 = time.perf_counter()
     emb = embed_sharded(  # (N, D); one shard per torchrun rank
-        lambda ids: embed_dataset(model, Subset(ds, ids.tolist()), batch_size, dev, num_workers, source),
+        lambda ids: embed_dataset(
+            model, Subset(ds, ids.tolist()), batch_size, dev, num_workers, source, amp=amp, tta=tta
+        ),
         len(ds),
         dist,
     )
@@ -85,6 +90,8 @@ def build_index_from_run(
         preprocess=pre.to_dict(),
         class_names=ds.class_names,
         embed_source=source,
+        amp=amp,  # queries (search, serve) run the same precision and flip averaging as the gallery
+        embed_tta=tta,
         embed_time_s=seconds,
         embed_images_per_s=len(ds) / seconds if seconds > 0 else None,
     )

@@ -13,13 +13,20 @@ from torch.utils.data import DataLoader, Dataset
 from carspotter.data.transforms import Preprocess
 from carspotter.models.factory import CarModel
 from carspotter.models.fuse import CPU_CHUNK, fold_batchnorm, forward_chunked
+from carspotter.models.inference import autocast, with_tta
 
-SOURCES = ("auto", "features", "embedding")
+# auto = the embedding head if the model has one, else `features`; features = the pooled pre-logit features
+# (for the scratch CNN: its hidden layer); embedding = the metric-learning head; logits = the classifier output.
+SOURCES = ("auto", "features", "embedding", "logits")
 
 
 def _forward(model: CarModel, x: torch.Tensor, source: str) -> torch.Tensor:
     if source not in SOURCES:
         raise ValueError(f"embed source must be one of {SOURCES}, got {source!r}")
+    if source == "logits":
+        if model.num_classes <= 0:
+            raise ValueError("embed source 'logits' needs a model with a classifier")
+        return model(x)
     if source == "features" or (source == "auto" and model.embedding is None):
         return model.forward_features(x)
     return model.embed(x)
@@ -35,8 +42,11 @@ def embed_dataset(
     source: str = "auto",
     fold_bn: bool = True,
     cpu_chunk: int | None = CPU_CHUNK,
+    amp: str = "auto",
+    tta: str = "none",
 ) -> np.ndarray:
     """(N, D) float32 embeddings in dataset order. The dataset must already apply the eval transform.
+    `amp` is the run's precision (models/inference.py); tta="flip" averages each photo's and its mirror's.
 
     On CPU, eval-mode BatchNorm is folded into the preceding convolutions first, and each loader batch runs
     through the network `cpu_chunk` images at a time (models.fuse): the same vectors to ~1e-6 relative,
@@ -66,7 +76,9 @@ def embed_dataset(
         if run_model is None:  # fold once, checked against the unfolded model on this first batch
             run_model, _ = fold_batchnorm(model, x[:2], lambda m, t: _forward(m, t, source))
         chunk = cpu_chunk if device == "cpu" else None
-        emb = forward_chunked(partial(_forward, run_model, source=source), x, chunk)  # (B, D)
+        fn = with_tta(partial(_forward, run_model, source=source), tta)
+        with autocast(amp, x.device):
+            emb = forward_chunked(fn, x, chunk)  # (B, D)
         out.append(emb.float().cpu().numpy())
     if not out:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
@@ -80,6 +92,8 @@ def embed_images(
     device: str = "cpu",
     source: str = "auto",
     preprocess: Preprocess | None = None,
+    amp: str = "auto",
+    tta: str = "none",
 ) -> np.ndarray:
     """(len(images), D) float32 for in-memory RGB images (serve, search, report).
 
@@ -89,4 +103,6 @@ def embed_images(
     tf = (preprocess or model.preprocess).transform()
     x = torch.stack([tf(im) for im in images]).to(device)  # (B, 3, S, S)
     model = model.to(device).eval()
-    return np.ascontiguousarray(_forward(model, x, source).float().cpu().numpy(), dtype=np.float32)
+    with autocast(amp, x.device):
+        emb = with_tta(partial(_forward, model, source=source), tta)(x)
+    return np.ascontiguousarray(emb.float().cpu().numpy(), dtype=np.float32)

@@ -21,6 +21,7 @@ from carspotter.retrieval.search import (
     brute_force_search,
     faiss_search,
     knn_classify,
+    l2_normalize,
     vote,
 )
 from carspotter.rundir import EvalResult, data_tag, knn_metrics_name
@@ -34,6 +35,7 @@ __all__ = [
     "evaluate_knn_run",
     "faiss_search",
     "knn_classify",
+    "l2_normalize",
     "vote",
 ]
 
@@ -78,8 +80,15 @@ def evaluate_knn_run(
     weighting: str = "majority",
     batch_size: int = 64,
     num_workers: int = 0,
+    source: str = "auto",
+    tta: str = "none",
+    normalize: bool = False,
 ) -> EvalResult:
     """kNN on a run's embeddings (gallery: `gallery_split`, queries: `split`; "train+val" joins splits).
+
+    `source` picks the layer (retrieval.embed.SOURCES), tta="flip" averages each photo's embedding with its
+    mirror image's, `normalize` L2-normalises embeddings before the search (and the distance-weighted vote);
+    embeddings run at the run's precision (model.json amp).
 
     Saved (by the caller) as RUN_DIR/metrics_<split>_knn<k>_<metric>[…].json (rundir.knn_metrics_name).
     predict_time_s counts embedding the queries plus the search, as the reference study's predict time did.
@@ -91,7 +100,7 @@ def evaluate_knn_run(
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    model, _ = load_run(run_dir, dev)
+    model, info = load_run(run_dir, dev)
     own_root = read_run_config(run_dir).data.root if (run_dir / CONFIG).is_file() else None
     data_dir = data_dir or own_root
     if not data_dir:
@@ -101,9 +110,12 @@ def evaluate_knn_run(
     queries = splits_dataset(data_dir, split, tf)
     if len(gallery) == 0 or len(queries) == 0:
         raise ValueError(f"{data_dir}: split {gallery_split!r} or {split!r} is empty")
-    g = embed_dataset(model, gallery, batch_size, dev, num_workers)
+    opts: dict[str, Any] = {"source": source, "amp": info.amp, "tta": tta}
+    g = embed_dataset(model, gallery, batch_size, dev, num_workers, **opts)
     t0 = time.perf_counter()
-    q = embed_dataset(model, queries, batch_size, dev, num_workers)
+    q = embed_dataset(model, queries, batch_size, dev, num_workers, **opts)
+    if normalize:
+        g, q = l2_normalize(g), l2_normalize(q)
     embed_s = time.perf_counter() - t0
     m = evaluate_knn(
         g,
@@ -117,7 +129,10 @@ def evaluate_knn_run(
     )
     _add_embed_time(m, embed_s, len(queries))
     m.update(split=split, gallery_split=gallery_split, n_gallery=len(gallery), data=str(data_dir))
-    name = knn_metrics_name(split, k, metric, weighting, gallery_split, data_tag(data_dir, own_root))
+    m.update(source=source, tta=tta, normalize=normalize, amp=info.amp)
+    options = tuple(o for o in (source if source != "auto" else "", tta if tta != "none" else "") if o)
+    options += ("l2",) if normalize else ()
+    name = knn_metrics_name(split, k, metric, weighting, gallery_split, data_tag(data_dir, own_root), options)
     return EvalResult(m, run_dir, {name: None})
 
 
@@ -162,7 +177,16 @@ def evaluate_knn_index(
             "kNN labels would not line up (index and evaluate the same prepared dataset)"
         )
     t0 = time.perf_counter()
-    q = embed_dataset(model, queries, batch_size, dev, num_workers, index.info.get("embed_source", "auto"))
+    q = embed_dataset(
+        model,
+        queries,
+        batch_size,
+        dev,
+        num_workers,
+        index.info.get("embed_source", "auto"),
+        amp=index.info.get("amp", "auto"),
+        tta=index.info.get("embed_tta", "none"),
+    )
     embed_s = time.perf_counter() - t0
 
     def search_index(_g: Any, qs: np.ndarray, kk: int, _metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -71,4 +71,6 @@ def embed_queries(
         device=device,
         source=index.info.get("embed_source") or "auto",
         preprocess=index_preprocess(index, model),
+        amp=index.info.get("amp", "auto"),
+        tta=index.info.get("embed_tta", "none"),
     )

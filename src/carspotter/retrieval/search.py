@@ -65,6 +65,12 @@ def vote(
     return scores + best_rank_bonus
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): euclidean on these ranks like cosine."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def knn_classify(
     gallery_emb: np.ndarray,
     gallery_labels: np.ndarray,

@@ -275,6 +275,7 @@ def create_app(
     zoom: ZoomSettings | None = None,
     allowed_hosts: list[str] | None = None,
     admin_token_file: str | Path | None = None,
+    tta: str | None = None,
 ) -> FastAPI:
     """Load the run's model (and the gallery index) now, and return the ASGI app serving them.
 
@@ -288,7 +289,7 @@ def create_app(
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
-    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, zoom=zoom)
+    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, zoom=zoom, tta=tta)
     Image.init()  # load Pillow's format plugins now, not during the first (non-image) upload: ~1 s here
 
     @asynccontextmanager

@@ -26,6 +26,7 @@ from carspotter.engine.calibration import load_calibration
 from carspotter.explain.box import BoxSettings
 from carspotter.explain.zoom import Looker, ZoomSettings, expand, rounded, zoom_rect
 from carspotter.models.factory import CarModel
+from carspotter.models.inference import autocast_dtype
 from carspotter.models.loading import load_run
 from carspotter.rundir import RunError
 
@@ -127,15 +128,32 @@ class Predictor:
         max_batch: int = 8,
         zoom: ZoomSettings | None = None,
         box: BoxSettings | None = None,
+        tta: str | None = None,
     ) -> None:
+        from carspotter.models.inference import normalize_tta
+
         self.run_dir = Path(run_dir)
         self.device = device
         self.model, self.info = load_run(self.run_dir, device)
+        # the run's precision and TTA (model.json), exactly as `evaluate` and `predict` run it
+        self.tta = normalize_tta(self.info.tta if tta is None else tta, where="--tta")
         self.class_names: list[str] = list(self.info.class_names)
         self.calibration = load_calibration(self.run_dir)  # temperature + open-set threshold (T=1 if none)
         self.hierarchy = Hierarchy.from_names(self.class_names)
         self.transform = self.model.preprocess.transform()
-        self.looker = Looker(self.model, self.info, box, zoom, device) if self.info.num_classes > 0 else None
+        self.looker = (
+            Looker(
+                self.model,
+                self.info,
+                box,
+                zoom,
+                device,
+                autocast=autocast_dtype(self.info.amp, device),
+                tta=self.tta,
+            )
+            if self.info.num_classes > 0
+            else None
+        )
         self.index = None
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self.embed_model: CarModel | None = None
