@@ -276,7 +276,7 @@ def test_predict_json_and_evaluate_zoom(tmp_path: Path, tiny_prepared: Path) -> 
     res = _cli("predict", str(run), photo, "--json", "--k", "2", "--zoom", "--zoom-combine", "mean")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert len(out) == 1 and len(out[0]["top"]) == 2 and out[0]["zoomed"] is True
+    assert len(out) == 1 and len(out[0]["predictions"]) == 2 and out[0]["zoomed"] is True
     x1, y1, x2, y2 = out[0]["box"]
     assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
     # the library call without zoom gives the same classes as the plain predict path

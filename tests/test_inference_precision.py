@@ -97,7 +97,18 @@ def test_evaluate_predict_and_serve_give_the_same_top1_for_every_photo(
             served = predictor.classify_batch(images, [1] * len(images))
         finally:
             predictor.close()
-        assert [r[0]["class_id"] for r in served] == list(by_eval.values())
+        assert [r["class_id"] for r in served] == list(by_eval.values())
+        # the `carspotter predict` path (files → answers, CAM box from the same forward) agrees too
+        from functools import partial
+
+        from carspotter.engine.batch_predict import predict_files
+        from carspotter.explain.zoom import Looker
+        from carspotter.models.inference import autocast_dtype as amp_dtype
+
+        looker = partial(Looker, device="cpu", autocast=amp_dtype(amp, "cpu"), tta=tta)
+        rows = predict_files(run, [Path(p) for p in paths], k=1, looker=looker)
+        assert [r["class_id"] for r in rows] == list(by_eval.values())
+        assert all(len(r["box"]) == 4 for r in rows)
 
 
 def test_flip_tta_logits_are_the_mean_of_the_two_passes(tmp_path: Path, tiny_prepared: Path) -> None:
