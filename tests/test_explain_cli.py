@@ -38,7 +38,7 @@ def test_evidence_is_the_nearest_of_each_class(run_and_index: dict[str, Path]) -
     photo = open_rgb(run_and_index["data"] / "images" / "c2_007.jpg")
     q = embed_queries(index, model, [photo])[0]
     ev = evidence(index, q, top1=1, runner_up=3, k=3)
-    vecs, labels = index.vectors(), index.labels()
+    vecs, labels = np.array(index.vectors(), dtype=np.float32), index.labels()
     dist = np.linalg.norm(vecs - q, axis=1)  # the slow obvious search
     for group, c, k in ((ev[0], 1, 3), (ev[1], 3, 1)):
         assert group["class_id"] == c and len(group["hits"]) == k
