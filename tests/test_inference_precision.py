@@ -238,11 +238,13 @@ def test_index_records_the_runs_precision_and_queries_use_it(tmp_path: Path, tin
     fp32_index = copy.copy(index)
     fp32_index.info = {**index.info, "amp": "none"}
 
-    def gap(
-        idx: object,
-    ) -> float:  # largest distance between a query's unit vector and its own gallery vector
+    gallery = np.asarray(
+        index.vectors()
+    )  # asarray: faiss.contrib.torch_utils (loaded by PML) returns tensors
+
+    def gap(idx: object) -> float:  # largest distance between a query's unit vector and its gallery vector
         q = embed_queries(idx, model, photos)  # type: ignore[arg-type]
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-        return float(np.abs(q - index.vectors()).max())
+        return float(np.abs(q - gallery).max())
 
     assert gap(index) < 0.25 * gap(fp32_index)  # queries embedded like the gallery: bf16 both sides
