@@ -164,3 +164,13 @@ def test_metric_learning_head_separates_the_classes(shapes) -> None:
     r1 = retrieval_metrics(emb, y.numpy(), metric="cosine")["recall_at_1"]
     assert losses[-1] < 0.3 * losses[0], f"Proxy-Anchor loss {losses[0]:.3f} → {losses[-1]:.3f}"
     assert r1 >= 0.9, f"eval-mode train Recall@1 {r1:.1%}"
+
+
+def test_hidden_batchnorm_takes_a_training_batch_of_one_photo() -> None:
+    """An epoch whose last batch holds one photo must not crash the BatchNorm hidden layer."""
+    cfg = classification_cfg("seed-s2-cnn-bn-dropout", 1)
+    model = create_model(cfg.model, N_CLASSES, SIZE).train()
+    bn = model.backbone.fc[2]
+    before = bn.running_mean.clone()
+    model(torch.randn(1, 3, SIZE, SIZE)).sum().backward()
+    assert torch.equal(bn.running_mean, before)  # running statistics untouched by a one-photo batch

@@ -13,6 +13,18 @@ import torch
 from torch import nn
 
 
+class HiddenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that normalises a training batch of one photo (e.g. an epoch's last) with its running
+    statistics instead of failing: one value per unit has no batch variance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
 class ScratchBackbone(nn.Module):
     """Conv blocks → 4×4 adaptive average pool → flatten → FC(hidden) → ReLU. `num_features` = hidden width."""
 
@@ -35,7 +47,7 @@ class ScratchBackbone(nn.Module):
         if hidden_dim:
             fc: list[nn.Module] = [nn.Flatten(), nn.Linear(flat, hidden_dim, bias=not hidden_bn)]
             if hidden_bn:
-                fc.append(nn.BatchNorm1d(hidden_dim))
+                fc.append(HiddenBatchNorm(hidden_dim))
             self.fc = nn.Sequential(*fc, nn.ReLU(inplace=True))
             self.num_features = hidden_dim
         else:
