@@ -542,8 +542,8 @@ def test_batched_forward_equals_one_by_one(serve_data: dict[str, Path]) -> None:
     p = Predictor(serve_data["run"], serve_data["index"])
     try:
         imgs = [open_rgb(serve_data["data"] / "images" / f"c{c}_000.jpg") for c in range(N_CLASSES)]
-        together = [r["predictions"] for r in p.classify_batch(imgs, [3] * len(imgs))]
-        alone = [p.classify_batch([im], [3])[0]["predictions"] for im in imgs]
+        together = p.classify_batch(imgs, [3] * len(imgs))
+        alone = [p.classify_batch([im], [3])[0] for im in imgs]
         for t, a in zip(together, alone, strict=True):
             t, a = t["predictions"], a["predictions"]  # the answer's top-k list
             assert [x["class_id"] for x in t] == [x["class_id"] for x in a]

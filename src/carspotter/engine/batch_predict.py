@@ -111,7 +111,8 @@ def predict_files(
                 answers = build_answers(logits, info.class_names, cal, k, hier)
             else:
                 oc, embed = gallery
-                probs = torch.from_numpy(oc.probs(cal.probs(logits).numpy(), embed(images)))  # (B, U)
+                clf = logits.softmax(dim=1).numpy()  # the mixture's weights were measured on softmax
+                probs = torch.from_numpy(oc.probs(clf, embed(images)))  # (B, U)
                 answers = build_answers(None, oc.names, cal, k, probs=probs)
             for j, (i, a) in enumerate(zip(ok_idx, answers, strict=True)):
                 if looks is not None:

@@ -251,7 +251,7 @@ class Predictor:
             else:
                 clf = None
                 if logits is not None and self.open.clf_names:
-                    clf = self.calibration.probs(logits).numpy()
+                    clf = logits.softmax(dim=1).numpy()  # the mixture's weights were measured on softmax
                 q = self._embed(self.embed_model, images)  # type: ignore[arg-type]
                 probs = torch.from_numpy(self.open.probs(clf, q))  # (B, U) over trained + gallery classes
                 answers = build_answers(None, self.open.names, self.calibration, max(ks), probs=probs)
