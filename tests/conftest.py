@@ -46,8 +46,12 @@ def make_tiny_run(root: Path, n_classes: int = 4, crop_mode: str = "center") -> 
     from carspotter.engine.checkpoint import ModelInfo, save_model_json, save_weights
     from carspotter.models.factory import create_model
 
+    import torch
+
     cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
-    model = create_model(cfg, n_classes, 32)
+    with torch.random.fork_rng():  # the same weights whatever ran before: tests must not depend on their order
+        torch.manual_seed(0)
+        model = create_model(cfg, n_classes, 32)
     root.mkdir(parents=True)
     save_weights(model, root / "best.safetensors")
     names = [f"Class {i}" for i in range(n_classes)]

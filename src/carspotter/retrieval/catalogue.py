@@ -520,7 +520,7 @@ def remove_rows(index: GalleryIndex, keep: np.ndarray) -> GalleryIndex:
     ivf = faiss.try_extract_index_ivf(index.index)
     if ivf is not None:
         ivf.make_direct_map()
-    vecs = index.index.reconstruct_n(0, index.index.ntotal)
+    vecs = index.vectors()
     new = faiss.clone_index(index.index)
     new.reset()
     new.add(np.ascontiguousarray(vecs[keep], dtype=np.float32))

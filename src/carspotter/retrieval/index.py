@@ -139,8 +139,10 @@ class GalleryIndex:
         return np.asarray([int(m["label"]) for m in self.meta], dtype=np.int64)
 
     def vectors(self) -> np.ndarray:
-        """All stored vectors (exact for Flat/HNSW; PQ returns its approximation)."""
-        return self.index.reconstruct_n(0, self.index.ntotal)
+        """All stored vectors (exact for Flat/HNSW; PQ returns its approximation), always as numpy: once
+        pytorch-metric-learning has imported faiss.contrib.torch_utils, faiss hands back torch tensors here."""
+        out = self.index.reconstruct_n(0, self.index.ntotal)
+        return out.numpy() if hasattr(out, "numpy") else np.asarray(out, dtype=np.float32)
 
     def save(self, index_dir: str | Path, overwrite: bool = False) -> Path:
         index_dir = prepare_out_dir(Path(index_dir), overwrite=overwrite, marker=INDEX_JSON)
