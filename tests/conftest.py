@@ -42,14 +42,16 @@ def make_tiny_run(root: Path, n_classes: int = 4, crop_mode: str = "center") -> 
     """A run directory (model.json + best.safetensors) of an untrained 2-block scratch CNN at 32 px."""
     from dataclasses import asdict
 
+    import torch
+
     from carspotter.config import ModelConfig
     from carspotter.engine.checkpoint import ModelInfo, save_model_json, save_weights
     from carspotter.models.factory import create_model
 
-    import torch
-
     cfg = ModelConfig(arch="scratch_cnn", channels=[8, 16], hidden_dim=16)
-    with torch.random.fork_rng():  # the same weights whatever ran before: tests must not depend on their order
+    with (
+        torch.random.fork_rng()
+    ):  # the same weights whatever ran before: tests must not depend on their order
         torch.manual_seed(0)
         model = create_model(cfg, n_classes, 32)
     root.mkdir(parents=True)
