@@ -264,6 +264,15 @@ def test_open_classification_names_enrolled_classes(tiny, tmp_path: Path) -> Non
     # the gallery's own answer (w = 1) names the enrolled classes for other photos of them
     out = predict_with_index(tiny["run"], idx_dir, paths, k=3, gallery_weight=1.0)
     assert [o["top"][0]["class_name"] for o in out] == ["New Four", "New Five"]
+    # `carspotter predict RUN --index` answers the same, as the hierarchical answer of every other photo
+    from carspotter.engine.batch_predict import predict_files
+
+    rows = predict_files(tiny["run"], paths, k=3, index_dir=idx_dir, gallery_weight=1.0)
+    assert [r["class_name"] for r in rows] == ["New Four", "New Five"]
+    assert [r["predictions"][0]["probability"] for r in rows] == pytest.approx(
+        [o["top"][0]["prob"] for o in out], abs=1e-5
+    )
+    assert all({"make", "model", "year", "unknown"} <= set(r) for r in rows)
     # the mixture answers over the union (4 trained + 2 enrolled): a distribution over all 6
     out = predict_with_index(tiny["run"], idx_dir, paths, k=10, gallery_weight=0.5)
     assert all(len(o["top"]) == 6 and abs(sum(t["prob"] for t in o["top"]) - 1) < 1e-4 for o in out)

@@ -78,13 +78,17 @@ def predict_files(
     from carspotter.models import inference
 
     model, info = load_run(run_dir, device)
-    if info.num_classes <= 0:
-        raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
+    has_clf = info.num_classes > 0
+    if not has_clf and index_dir is None:
+        raise RunError(
+            f"{run_dir}: a metric-learning run has no classifier; pass --index INDEX (its gallery answers) "
+            "or use `carspotter search`"
+        )
     cal = load_calibration(run_dir)
     tf = model.preprocess.transform()
-    hier = Hierarchy.from_names(info.class_names)
+    hier = Hierarchy.from_names(info.class_names) if has_clf else None
     tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
-    look = looker(model, info) if looker is not None else None
+    look = looker(model, info) if looker is not None and has_clf else None
     gallery = _gallery(run_dir, index_dir, model, info, device, gallery_weight) if index_dir else None
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -102,16 +106,18 @@ def predict_files(
                 slot[i] = error_row(f, f"cannot read ({type(e).__name__})")
         if images:
             looks = look(images) if look is not None else None
+            logits = None  # (B, C); none for a metric-learning run, whose gallery answers alone
             if looks is not None:
-                logits = looks.logits.float().cpu()  # (B, C)
-            else:
+                logits = looks.logits.float().cpu()
+            elif has_clf:
                 x = torch.stack([tf(im) for im in images]).to(device)
-                logits = inference.run_model(model, x, info.amp, tta).cpu()  # (B, C)
+                logits = inference.run_model(model, x, info.amp, tta).cpu()
             if gallery is None:
                 answers = build_answers(logits, info.class_names, cal, k, hier)
             else:
                 oc, embed = gallery
-                clf = logits.softmax(dim=1).numpy()  # the mixture's weights were measured on softmax
+                # the mixture's weights were measured on the classifier's softmax
+                clf = logits.softmax(dim=1).numpy() if logits is not None else None
                 probs = torch.from_numpy(oc.probs(clf, embed(images)))  # (B, U)
                 answers = build_answers(None, oc.names, cal, k, probs=probs)
             for j, (i, a) in enumerate(zip(ok_idx, answers, strict=True)):
@@ -138,7 +144,7 @@ def _gallery(
     same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
     emb_model = model if same else embedder_for_index(index, device)
     w = DEFAULT_GALLERY_WEIGHT if weight is None else weight
-    oc = OpenClassifier(index, info.class_names, w)
+    oc = OpenClassifier(index, info.class_names if info.num_classes > 0 else None, w)
     return oc, lambda images: embed_queries(index, emb_model, images, device)
 
 
