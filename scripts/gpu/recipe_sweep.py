@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,36 +34,98 @@ sys.path.insert(
 CLI = [sys.executable, "-c", "from carspotter.cli import main; main()"]
 T2 = "seed-t2-resnet50-finetune"
 STRONG = "strong-efficientnet-lite0-finetune"
+RRC = ["--set", "data.aug.random_crop=false", "--set", "data.aug.random_resized_crop=true"]
+RRC += ["--set", "data.aug.rrc_scale_min=0.35"]
+LLRD = ["--set", "optim.layer_decay=0.8"]
+# progressive resizing, evaluated at 160 px (FixRes: train below the test size): 4 ep 112, 4 ep 128, 2 ep 144
+PROG = ["--img-size", "160", "--set", "data.progressive={0: 112, 4: 128, 8: 144}"]
+PROG_SIZES = [112] * 4 + [128] * 4 + [144] * 2
+MIX = ["--set", "train.mixup_alpha=0.2", "--set", "train.cutmix_alpha=1.0", "--set", "train.mix_prob=0.5"]
+SCRATCH = ["--img-size", "64", "--epochs", "40"]
+TTA = ["--tta", "flip"]
+ZOOM = ["--zoom"]
 
-# name -> (preset, img_size, extra train args). Each lever is measured on its own against `strong`.
-RECIPES: dict[str, tuple[str, int, list[str]]] = {
-    "t2": (T2, 128, []),
-    "strong": (STRONG, 128, []),
-    "strong+ema": (STRONG, 128, ["--set", "train.ema_decay=0.998"]),
-    "strong+rrc": (
-        STRONG,
-        128,
-        [
-            "--set",
-            "data.aug.random_crop=false",
-            "--set",
-            "data.aug.random_resized_crop=true",
-            "--set",
-            "data.aug.rrc_scale_min=0.35",
-        ],
-    ),
-    "strong+lr2e-3": (STRONG, 128, ["--lr", "0.002"]),
-    "strong@160x6ep": (STRONG, 160, ["--epochs", "6"]),
-    "strong@176x5ep": (STRONG, 176, ["--epochs", "5"]),
-    "strong@192x4ep": (STRONG, 192, ["--epochs", "4"]),
-    "strong@160x6ep+ema": (STRONG, 160, ["--epochs", "6", "--set", "train.ema_decay=0.995"]),
-    "t2@224": (T2, 224, []),
-    "strong@224": (STRONG, 224, []),
+
+@dataclass
+class Recipe:
+    """One row of the ablation: a preset plus overrides, on which data, and which extra evaluations."""
+
+    preset: str
+    size: int = 128  # the size the model is evaluated at (data.img_size)
+    extra: list[str] = field(default_factory=list)
+    train_sizes: list[int] | None = None  # per-epoch training sizes when they differ from `size`
+    epochs: int = 10
+    lite0: bool = True  # takes --backbone tf_efficientnet_lite0 --weights
+    data: str = "cls"  # cls | retrieval (classes 1-98 only; evaluated on all 196 of cls: open set)
+    evals: list[list[str]] = field(default_factory=list)  # extra `evaluate RUN ...` calls
+    seeds: int = 3  # run at most this many of --seeds
+
+
+# Each lever is measured on its own against its base; the last rows combine them.
+RECIPES: dict[str, Recipe] = {
+    "t2": Recipe(T2, evals=[TTA]),
+    "strong": Recipe(STRONG),
+    "strong+ema": Recipe(STRONG, extra=["--set", "train.ema_decay=0.998"]),
+    "strong+rrc": Recipe(STRONG, extra=RRC, evals=[TTA, ZOOM]),
+    "strong+lr2e-3": Recipe(STRONG, extra=["--lr", "0.002"]),
+    "strong@160x6ep": Recipe(STRONG, 160, ["--epochs", "6"], epochs=6),
+    "strong@176x5ep": Recipe(STRONG, 176, ["--epochs", "5"], epochs=5),
+    "strong@192x4ep": Recipe(STRONG, 192, ["--epochs", "4"], epochs=4),
+    "strong@160x6ep+ema": Recipe(STRONG, 160, ["--epochs", "6", "--set", "train.ema_decay=0.995"], epochs=6),
+    "t2@224": Recipe(T2, 224),
+    "strong@224": Recipe(STRONG, 224),
+    "strong+rrc+llrd": Recipe(STRONG, extra=RRC + LLRD, evals=[TTA]),
+    "strong+rrc+mix": Recipe(STRONG, extra=RRC + MIX, evals=[TTA]),
+    "strong+rrc+prog": Recipe(STRONG, 160, RRC + PROG, PROG_SIZES, evals=[TTA]),
+    "strong+rrc+prog+llrd": Recipe(STRONG, 160, RRC + PROG + LLRD, PROG_SIZES, evals=[TTA, ZOOM]),
+    "strong+rrc+bs16": Recipe(STRONG, extra=RRC + ["--batch-size", "16"], evals=[TTA]),
+    "strong+rrc+warmup1": Recipe(STRONG, extra=RRC + ["--set", "schedule.warmup_epochs=1"], evals=[TTA]),
+    "strong+rrc+head3x": Recipe(STRONG, extra=RRC + ["--lr", "0.003", "--set", "model.backbone_lr_mult=0.333"], evals=[TTA]),
+    "s1": Recipe("seed-s1-cnn-basic", 64, SCRATCH, epochs=40, lite0=False),
+    "s2": Recipe("seed-s2-cnn-bn-dropout", 64, SCRATCH, epochs=40, lite0=False),
+    "s3": Recipe("seed-s3-cnn-aug", 64, SCRATCH, epochs=40, lite0=False),
+    "strong-cnn": Recipe("strong-cnn-scratch", 64, SCRATCH, epochs=40, lite0=False),
+    "openset-t1@224": Recipe("seed-t1-resnet50-frozen", 224, data="retrieval", seeds=1),
+    "openset-strong+rrc": Recipe(STRONG, extra=RRC, data="retrieval", seeds=1),
 }
 
 
-def relative_costs(weights: str, sizes: set[int], n_train: int, n_val: int) -> dict[int, float]:
-    """Forward FLOPs per image of Lite0 at each size (train = 3x forward), for the cost column."""
+def mean_sd(xs: list[float]) -> tuple[float, float] | None:
+    if not xs:
+        return None
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def fmt(xs: list[float]) -> str:
+    m = mean_sd(xs)
+    return "" if m is None else f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
+
+
+KEEP = ("combine_alternatives", "gain_ci95")  # besides every scalar
+
+
+def collect(run: Path) -> dict:
+    """Test top-1, best val, last eval-mode train accuracy, and the headline keys of every metrics_*.json."""
+    row: dict = {}
+    for f in sorted(run.glob("metrics*.json")):
+        m = json.loads(f.read_text())
+        row[f.stem] = {k: v for k, v in m.items() if k in KEEP or isinstance(v, int | float | str | None)}
+    own = row.get("metrics_test") or next((v for k, v in row.items() if k.startswith("metrics_test@")), None)
+    if own:
+        row["test_top1"] = own.get("accuracy")
+    if "metrics_test_tta-flip" in row:
+        row["tta_flip_top1"] = row["metrics_test_tta-flip"].get("accuracy")
+    try:
+        hist = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+        row["best_val"] = max(float(r.get("val_accuracy") or 0) for r in hist)
+        row["last_train_eval_accuracy"] = float(hist[-1].get("train_eval_accuracy") or "nan")
+    except (OSError, ValueError, IndexError):
+        pass
+    return row
+
+
+def relative_costs(weights: str, sizes: set[int]) -> dict[int, float]:
+    """Forward FLOPs per image of Lite0 at each size, for the cost column."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,55 +138,37 @@ def relative_costs(weights: str, sizes: set[int], n_train: int, n_val: int) -> d
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(torch.zeros(1, 3, s, s))
         out[s] = float(fc.get_total_flops())
-    return {s: f * (3 * n_train + n_val) for s, f in out.items()}
+    return out
 
 
 def job_cmds(name: str, seed: int, args: argparse.Namespace, run: Path) -> list[list[str]]:
-    preset, size, extra = RECIPES[name]
-    train = [
-        *CLI,
-        "train",
-        "--preset",
-        preset,
-        "--data",
-        args.data,
-        "--out",
-        str(run),
-        "--backbone",
-        "tf_efficientnet_lite0",
-        "--weights",
-        args.weights,
-        "--img-size",
-        str(size),
-        "--seed",
-        str(seed),
-        "--num-workers",
-        str(args.workers),
-        "--device",
-        args.device,
-        "--set",
-        "train.amp=false",
-        "--no-progress",
-        "--overwrite",
-        *extra,
-    ]
+    r = RECIPES[name]
+    data = args.retrieval_data if r.data == "retrieval" else args.data
+    train = [*CLI, "train", "--preset", r.preset, "--data", data, "--out", str(run)]
+    if r.lite0:
+        train += ["--backbone", "tf_efficientnet_lite0", "--weights", args.weights]
+    train += ["--img-size", str(r.size), "--seed", str(seed), "--num-workers", str(args.workers)]
+    train += ["--device", args.device, "--set", "train.amp=false", "--no-progress", "--overwrite", *r.extra]
     if args.smoke:
-        train += ["--epochs", "1", "--img-size", "64"]
-    evaluate = [*CLI, "evaluate", str(run), "--split", "test", "--device", args.device]
-    return [train, evaluate]
+        train += ["--epochs", "1", "--img-size", "64", "--set", "data.progressive={}"]
+    ev = [*CLI, "evaluate", str(run), "--split", "test", "--device", args.device]
+    if r.data == "retrieval":  # the run knows classes 1-98; the photos of 99-196 are its unknowns
+        ev += ["--data", args.data]
+    return [train, ev] + [ev + extra for extra in r.evals]
 
 
-def epochs_of(name: str, smoke: bool) -> int:
-    extra = RECIPES[name][2]
+def epoch_sizes(name: str, smoke: bool) -> list[int]:
+    r = RECIPES[name]
     if smoke:
-        return 1
-    return int(extra[extra.index("--epochs") + 1]) if "--epochs" in extra else 10
+        return [64]
+    return r.train_sizes or [r.size] * r.epochs
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--weights", required=True)
+    ap.add_argument("--retrieval-data", default="", help="prepared retrieval-protocol data (open-set rows)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
@@ -144,13 +189,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO / "src"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p),
         "OMP_NUM_THREADS": "1",
         "NVIDIA_TF32_OVERRIDE": "0",
         "PYTHONUNBUFFERED": "1",
     }
     queue = [
-        (n, s) for s in seeds for n in names
+        (n, s) for i, s in enumerate(seeds) for n in names if i < RECIPES[n].seeds
     ]  # every recipe's seed 0 first: a cut run still compares all
     t0 = time.perf_counter()
     running: list[tuple[str, int, subprocess.Popen, float, list[list[str]], Path]] = []
@@ -181,17 +226,8 @@ def main() -> int:
                 "rc": p.returncode,
                 "wall_s": round(time.perf_counter() - started, 1),
             }
-            mfile = run / "metrics_test.json"  # carspotter.rundir.metrics_name("test")
-            if not mfile.exists():
-                mfile = run / "metrics.json"  # written before split-named results
-            if p.returncode == 0 and mfile.exists():
-                m = json.loads(mfile.read_text())
-                row["test_top1"] = m.get("accuracy")
-                try:
-                    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
-                    row["best_val"] = max(float(r.get("val_accuracy") or 0) for r in rows)
-                except (OSError, ValueError):
-                    pass
+            if p.returncode == 0:
+                row.update(collect(run))
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -200,32 +236,39 @@ def main() -> int:
     for r in csv.DictReader((Path(args.data) / "manifest.csv").read_text().splitlines()):
         n_train += r["split"] == "train"
         n_val += r["split"] == "val"
-    sizes = {64} if args.smoke else {RECIPES[n][1] for n in names}
-    per_img = relative_costs(args.weights, sizes, n_train, n_val)
-    base = per_img[64 if args.smoke else 128] * epochs_of("t2", args.smoke)
+    lite0 = [n for n in names if RECIPES[n].lite0 and RECIPES[n].data == "cls"]
+    sizes = {s for n in lite0 for s in (*epoch_sizes(n, args.smoke), 64 if args.smoke else RECIPES[n].size)}
+    flops = relative_costs(args.weights, sizes | {64 if args.smoke else 128})
+
+    def cost(n: str) -> float:  # training FLOPs (3x forward per train photo) + the per-epoch val pass
+        ev = 64 if args.smoke else RECIPES[n].size
+        return sum(3 * n_train * flops[s] + n_val * flops[ev] for s in epoch_sizes(n, args.smoke))
+
     lines = [
-        "| recipe | px | epochs | CPU work vs T2 | test top-1 mean ± sd | seeds (per-seed %) | best val mean |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | px (train → test) | epochs | CPU work vs T2 | test top-1 mean ± sd | per seed | + flip TTA "
+        "| best val mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for n in names:
-        accs = [r["test_top1"] for r in rows if r["recipe"] == n and r.get("test_top1") is not None]
-        vals = [r["best_val"] for r in rows if r["recipe"] == n and r.get("best_val") is not None]
-        size = 64 if args.smoke else RECIPES[n][1]
-        cost = per_img[size] * epochs_of(n, args.smoke) / base
+        mine = [r for r in rows if r["recipe"] == n and r.get("test_top1") is not None]
+        accs = [r["test_top1"] for r in mine]
+        vals = [r["best_val"] for r in mine if r.get("best_val") is not None]
+        tta = [r["tta_flip_top1"] for r in mine if r.get("tta_flip_top1") is not None]
+        sz = sorted(set(epoch_sizes(n, args.smoke)))
+        px = f"{'/'.join(map(str, sz))} → {64 if args.smoke else RECIPES[n].size}"
+        c = f"{cost(n) / cost('t2'):.2f}x" if n in lite0 and "t2" in RECIPES else "—"
         if not accs:
             lines.append(
-                f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | (no finished run) | | |"
+                f"| {n} | {px} | {len(epoch_sizes(n, args.smoke))} | {c} | (no finished run) | | | |"
             )
             continue
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        summary[n] = {"mean": mean, "sd": sd, "n": len(accs), "per_seed": accs, "cost_vs_t2": cost}
-        val = f"{100 * statistics.mean(vals):.1f}" if vals else ""
+        summary[n] = {"mean": mean_sd(accs), "per_seed": accs, "cost_vs_t2": c, "tta_flip": mean_sd(tta)}
+        summary[n]["runs"] = mine
         per_seed = ", ".join(f"{100 * a:.1f}" for a in accs)
         lines.append(
-            f"| {n} | {size} | {epochs_of(n, args.smoke)} | {cost:.2f}x | {100 * mean:.1f} ± {100 * sd:.1f} "
-            f"| {len(accs)} ({per_seed}) | {val} |"
+            f"| {n} | {px} | {len(epoch_sizes(n, args.smoke))} | {c} | {fmt(accs)} | {per_seed} | {fmt(tta)} "
+            f"| {fmt(vals)} |"
         )
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -78,6 +78,10 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     crop_bbox: bool = False  # use the manifest's x1,y1,x2,y2 when present
+    # Progressive resizing: epoch (0-based) -> training input size from that epoch on. img_size stays the size
+    # the model is evaluated and used at, so training below it and testing at it is FixRes's train/test
+    # resolution trade (small early epochs cost less CPU). {} = train at img_size throughout.
+    progressive: dict[int, int] = field(default_factory=dict)
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -117,6 +121,9 @@ class OptimConfig:
     nesterov: bool = False
     grad_accum: int = 1
     clip_grad_norm: float | None = None
+    # Layer-wise lr decay: backbone stage i of n (0 = the stem side) trains at lr x layer_decay^(n - i), so the
+    # generic early layers move least. None = one backbone lr (x model.backbone_lr_mult either way).
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -133,6 +140,12 @@ class TrainConfig:
     epochs: int = 10
     loss: Literal["cross_entropy", "proxy_anchor", "multi_similarity", "arcface"] = "cross_entropy"
     label_smoothing: float = 0.0
+    # Mixup / CutMix (timm.data.Mixup): Beta(alpha) mixing of photo pairs and their labels; 0 = off. With both
+    # set, each batch uses one of them (mix_switch_prob = CutMix's share); mix_prob = share of mixed batches.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
     ema_decay: float | None = None
     early_stop_patience: int | None = None
     # val metric used to pick the best checkpoint; "auto" = accuracy (classification) or recall_at_1 (metric)
@@ -239,6 +252,26 @@ class ExperimentConfig:
         if metric_task and self.train.loss == "cross_entropy":
             raise ConfigError(
                 "train.loss: task: metric needs a metric-learning loss: proxy_anchor | multi_similarity | arcface"
+            )
+        t = self.train
+        if (
+            t.mixup_alpha < 0
+            or t.cutmix_alpha < 0
+            or not 0 <= t.mix_prob <= 1
+            or not 0 <= t.mix_switch_prob <= 1
+        ):
+            raise ConfigError(
+                "train.mixup_alpha / cutmix_alpha must be >= 0 and train.mix_prob / mix_switch_prob in [0, 1]"
+            )
+        if metric_task and (t.mixup_alpha or t.cutmix_alpha):
+            raise ConfigError("train.mixup_alpha / cutmix_alpha: mixing labels needs task: classification")
+        d = self.optim.layer_decay
+        if d is not None and not 0 < d <= 1:
+            raise ConfigError(f"optim.layer_decay: expected a factor in (0, 1], got {d!r}")
+        bad = {e: s for e, s in self.data.progressive.items() if int(e) < 0 or int(s) < 16}
+        if bad:
+            raise ConfigError(
+                f"data.progressive: expected epoch (>= 0) -> training size (>= 16 px), got {bad}"
             )
         if not metric_task and self.train.loss != "cross_entropy":
             raise ConfigError(

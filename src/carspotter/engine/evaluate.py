@@ -94,7 +94,9 @@ def evaluate_run(
         "n_images": n,
         "split": split,
     }
-    files: dict[str, Any] = {metrics_name(split, tag): None}
+    # a TTA other than the run's own gets its own file, beside the run's default result (never over it)
+    label = split if res.tta == cfg.eval.tta else f"{split}_tta-{res.tta}"
+    files: dict[str, Any] = {metrics_name(label, tag): None}
     if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
 
@@ -118,7 +120,7 @@ def evaluate_run(
         metrics |= trust_metrics(out, labels, names, cal)
         if res.unknown_classes:
             metrics["unknown_classes"] = res.unknown_classes
-        files[predictions_name(split, tag)] = _predictions_csv(
+        files[predictions_name(label, tag)] = _predictions_csv(
             res.paths, labels, cal.probs(out).numpy(), cal.unknown(out).numpy()
         )
     metrics["device"] = res.device

@@ -21,8 +21,8 @@ from carspotter.models.factory import CarModel
 def param_groups(
     cfg: ExperimentConfig, model: CarModel, extra_params: Iterable[nn.Parameter] = ()
 ) -> list[dict]:
-    """Groups: head (lr), backbone (lr × backbone_lr_mult), loss (lr × proxy_lr_mult); no weight decay on
-    biases and norm weights (1-D tensors)."""
+    """Groups: head (lr), backbone (lr × backbone_lr_mult, × layer_decay^(n - stage) per stage when
+    optim.layer_decay is set), loss (lr × proxy_lr_mult); no weight decay on biases and norm weights (1-D)."""
     o = cfg.optim
     head = {id(p) for p in model.head_parameters()}
     groups: dict[str, dict] = {}
@@ -43,9 +43,20 @@ def param_groups(
 
     for p in model.head_parameters():
         add(p, "head", 1.0)
+    stage_of: dict[int, int] = {}
+    decay = o.layer_decay
+    if decay is not None:
+        stages = model.backbone_stages()
+        stage_of = {id(p): i for i, params in enumerate(stages) for p in params}
+        n = len(stages)
     for p in model.parameters():
-        if id(p) not in head:
+        if id(p) in head:
+            continue
+        if decay is None:
             add(p, "backbone", cfg.model.backbone_lr_mult)
+        else:  # one group per stage; parameters outside every stage count as the earliest
+            i = stage_of.get(id(p), 0)
+            add(p, f"backbone{i}", cfg.model.backbone_lr_mult * decay ** (n - i))
     for p in extra_params:
         add(p, "loss", cfg.train.proxy_lr_mult)
     return list(groups.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import logging
@@ -94,6 +95,7 @@ class StepContext:
     log_every: int = 20
     progress: bool = False
     classify: bool = True  # outputs are logits: track accuracy
+    mix: Any = None  # timm.data.Mixup: (x, y) -> (mixed x, soft targets); the loss takes soft targets
 
 
 def _bar(it: Iterable, ctx: StepContext, desc: str) -> Any:
@@ -135,6 +137,9 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y, _) in enumerate(_bar(loader, ctx, f"epoch {epoch + 1}")):
         x, y = _to_device(x, ctx), y.to(ctx.device, non_blocking=True)
+        target = y
+        if ctx.mix is not None:
+            x, target = ctx.mix(x, y)
         group_start = i - i % ctx.accum
         group_size = min(ctx.accum, n_batches - group_start)  # the last group of an epoch may be shorter
         step_now = i + 1 - group_start == group_size
@@ -142,7 +147,7 @@ def train_one_epoch(
         with ddp_net.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[union-attr]
             with _autocast(ctx):
                 out = forward(x)  # (B, C) logits or (B, D) embeddings
-            loss = loss_fn(out.float(), y)
+            loss = loss_fn(out.float(), target)
             (loss / group_size).backward()
         if step_now:
             if ctx.clip_grad_norm:
@@ -207,6 +212,12 @@ def trainable_stages(cfg: ExperimentConfig, epoch: int) -> int | None:
         return 0
     keys = [k for k in cfg.model.unfreeze_schedule if k <= epoch]
     return cfg.model.unfreeze_schedule[max(keys)] if keys else None
+
+
+def progressive_size(cfg: ExperimentConfig, epoch: int) -> int:
+    """The training input size at `epoch` under data.progressive (the last key <= epoch), else img_size."""
+    keys = [int(e) for e in cfg.data.progressive if int(e) <= epoch]
+    return int(cfg.data.progressive[max(keys)]) if keys else cfg.data.img_size
 
 
 def apply_stages(cfg: ExperimentConfig, model: CarModel, epoch: int) -> None:
@@ -415,8 +426,21 @@ def _fit(
         from carspotter.retrieval.losses import build_metric_loss, build_sampler
 
         loss_fn: nn.Module = build_metric_loss(cfg, len(names), model.embed_dim).to(device)
-    else:
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    mix = None
+    if not metric_task and (cfg.train.mixup_alpha or cfg.train.cutmix_alpha):
+        from timm.data import Mixup
+
+        # timm's Mixup smooths the mixed targets itself, so the loss takes them as they are
+        mix = Mixup(
+            mixup_alpha=cfg.train.mixup_alpha,
+            cutmix_alpha=cfg.train.cutmix_alpha,
+            prob=cfg.train.mix_prob,
+            switch_prob=cfg.train.mix_switch_prob,
+            label_smoothing=cfg.train.label_smoothing,
+            num_classes=len(names),
+        )
+    if not metric_task:  # with mixing, timm's Mixup already smoothed the targets
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if mix else cfg.train.label_smoothing)
     ema = None
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
@@ -436,6 +460,7 @@ def _fit(
         log_every=max(1, cfg.train.log_every),
         progress=progress,
         classify=not metric_task,
+        mix=mix,
     )
 
     # --- loaders --------------------------------------------------------------------------------------------
@@ -469,7 +494,13 @@ def _fit(
         val_loader = make_loader(val_items, val_sampler, bs, 0, seed) if val_items is not None else None
     else:
         train_loader = make_loader(
-            SeededItems(train_ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=metric_task
+            SeededItems(train_ds, seed),
+            sampler,
+            bs,
+            nw,
+            seed,
+            pin_memory=pin,
+            drop_last=metric_task or bool(mix),
         )
         val_loader = (
             make_loader(SeededItems(val_ds, seed, False), val_sampler, bs, nw, seed, pin_memory=pin)
@@ -494,6 +525,21 @@ def _fit(
         )
         probe_sampler = eval_sampler(len(idx), dist.rank, dist.world_size)
         probe_loader = make_loader(Subset(plain_train, idx), probe_sampler, bs, 0 if cache else nw, seed)
+    if cache and cfg.data.progressive:
+        warn(
+            "warning: data.progressive is ignored: a frozen backbone trains its head on features computed once"
+        )
+    train_size = cfg.data.img_size
+
+    def train_loader_at(size: int) -> Any:  # progressive resizing: the same photos and order at a new size
+        scaled = cfg.data.resize_size and round(cfg.data.resize_size * size / cfg.data.img_size)
+        tf = dataclasses.replace(pre, img_size=size, resize_size=scaled or None).train_transform(cfg.data.aug)
+        ds = PreparedDataset(data_dir, cfg.data.train_split, tf, cfg.data.crop_bbox, records=records)
+        ds.one_thread_transforms = nw == 0
+        return make_loader(
+            SeededItems(ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=metric_task or bool(mix)
+        )
+
     if len(train_loader) == 0:
         raise ValueError(f"{data_dir}: too few training images for one batch of {bs}")
     steps_per_epoch = math.ceil(len(train_loader) / ctx.accum)
@@ -553,6 +599,12 @@ def _fit(
                 ids = [device.index] if device.type == "cuda" else None
                 ddp_net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
                 trainable_sig = sig
+        size = progressive_size(cfg, epoch)
+        if not cache and size != train_size:
+            say(
+                f"epoch {epoch + 1}: training at {size} px (data.progressive; evaluated at {cfg.data.img_size})"
+            )
+            train_loader, train_size = train_loader_at(size), size
         set_train_mode(model, cfg)
         seed_epoch(seed, epoch, dist.rank)
         sampler.set_epoch(epoch)
