@@ -68,8 +68,27 @@ def heat_maps(
     return explain_batch(model, x, method=method, layer=layer)
 
 
+def box_at_map_size(shape: tuple[int, int], box: Any, grid: tuple[int, int]) -> np.ndarray:
+    """The best a `grid` map can do: the true box averaged down to the map's cells, upsampled (bilinear) and
+    min-max scaled as Grad-CAM's maps are: the ceiling that the map's resolution puts on every score."""
+    import cv2
+
+    m = np.zeros(shape, np.float32)
+    x1, y1, x2, y2 = (round(float(v)) for v in box)
+    m[y1:y2, x1:x2] = 1.0
+    small = cv2.resize(m, grid[::-1], interpolation=cv2.INTER_AREA)
+    o = cv2.resize(small, shape[::-1], interpolation=cv2.INTER_LINEAR)
+    return (o - o.min()) / max(float(o.max() - o.min()), 1e-12)
+
+
 def measure(
-    model: torch.nn.Module, pre: Any, data: Path, method: str, layer: str, split: str = "test"
+    model: torch.nn.Module,
+    pre: Any,
+    data: Path,
+    method: str,
+    layer: str,
+    split: str = "test",
+    grid: tuple[int, int] = (4, 4),
 ) -> dict:
     """Per-photo scores of one (model, method, layer) on `split`, aggregated. `pre`: the trained run's
     Preprocess (the random-weight control is fed exactly the same)."""
@@ -94,6 +113,8 @@ def measure(
             s["whole_iou"] = float(iou((0.0, 0.0, 1.0, 1.0), truth))
             prior = heat_in_box(centre_prior(hp.shape), r.bbox)  # a map that only knows cars sit mid-photo
             s["prior_inside"], s["prior_density"] = prior["inside"], prior["density"]
+            oracle = heat_in_box(box_at_map_size(hp.shape, r.bbox, grid), r.bbox)
+            s["oracle_inside"], s["oracle_hit"] = oracle["inside"], oracle["hit"]
             rows.append(s)
     return summarise(rows, len(correct), float(np.mean(correct)))
 
@@ -124,6 +145,9 @@ def summarise(rows: list[dict[str, float]], n: int, acc: float) -> dict[str, flo
         "centre_hit": float(col("centre_hit").mean()),
         "prior_ratio": float(col("prior_inside").mean() / area.mean()),
         "prior_density": pooled_density(col("prior_inside"), area),
+        "oracle_ratio": float(col("oracle_inside").mean() / area.mean()),
+        "oracle_density": pooled_density(col("oracle_inside"), area),
+        "oracle_pointing": float(col("oracle_hit").mean()),
         "corloc_centre": corloc(col("centre_iou")),
         "corloc_whole": corloc(col("whole_iou")),
         "empty": 1 - len(rows) / n,
@@ -148,12 +172,13 @@ def measure_run(run: Path, data: Path, layers: list[str] | None, methods: list[s
             model(torch.zeros(1, 3, model.preprocess.img_size, model.preprocess.img_size))
         hook.remove()
         shapes[layer] = "×".join(map(str, feat[0][2:]))
+        grid = (int(feat[0][2]), int(feat[0][3]))
         for method in methods:
             if method == "cam" and layer != layers[0]:
                 continue  # the plain CAM is of the feature map only
             for who, m in (("trained", model), ("random weights", untrained)):
                 key = f"{who} | {'feature map (CAM)' if method == 'cam' else layer} | {method}"
-                out[key] = measure(m, model.preprocess, data, method, layer)
+                out[key] = measure(m, model.preprocess, data, method, layer, grid=grid)
                 r = out[key]
                 print(f"{key:55s} in {r.get('inside', 0):.3f} area {r.get('area', 0):.3f} "
                       f"ratio {r.get('ratio', 0):.2f} dens {r.get('density', 0):.2f} "
@@ -202,6 +227,9 @@ def print_table(results: list[dict]) -> None:
     key = next((k for k in results[0]["rows"] if k.startswith("trained") and k.endswith(f"| {DEFAULT_METHOD}")),
                next(iter(results[0]["rows"])))  # fmt: skip
     d = [r["rows"][key] for r in results]
+    print(f"ceiling at the map size of {key.split(' | ')[1]}: the true box drawn at {results[0]['shapes'].get(key.split(' | ')[1], '?')} "
+          f"cells: ratio {ms([r['oracle_ratio'] for r in d])}, density {ms([r['oracle_density'] for r in d])}, "
+          f"pointing game {ms([r['oracle_pointing'] for r in d])}")  # fmt: skip
     print(f"RATIO mass in box / box area share ({key}): {ms([r['ratio'] for r in d])}; in/out density "
           f"{ms([r['density'] for r in d])}; pointing game {ms([r['pointing'] for r in d])}; CorLoc "
           f"{ms([r['corloc'] for r in d])} vs centre box {ms([r['corloc_centre'] for r in d])}, whole photo "
