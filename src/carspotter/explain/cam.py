@@ -239,6 +239,28 @@ def box_area_share(shape: tuple[int, int], box: Sequence[float]) -> float:
     return mass_inside(np.ones(shape, np.float32), box)
 
 
+def heat_in_box(heat: np.ndarray, box: Sequence[float]) -> dict[str, float]:
+    """How a (h, w) heat-map sits on box (x1, y1, x2, y2), in its pixel coordinates:
+
+    - `inside`: the share of its mass inside the box (`mass_inside`); `area`: the box's share of the image, what
+      a uniform map would put inside. inside / area is at most 1 / area (a large box caps it), so also
+    - `density`: mass per unit area inside over mass per unit area outside (1 for a uniform map; inf when no
+      mass lies outside; nan for a box that covers the image);
+    - `hit`: 1.0 if the hottest pixel (its centre) lies in the box, the pointing game (a random pixel hits
+      with probability `area`).
+    """
+    inside, area = mass_inside(heat, box), box_area_share(heat.shape, box)
+    outside, rest = 1.0 - inside, 1.0 - area
+    if rest <= 0:
+        density = float("nan")
+    else:
+        density = (inside / area) / (outside / rest) if outside > 0 else float("inf")
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    hit = float(x1 <= c + 0.5 <= x2 and y1 <= r + 0.5 <= y2)
+    return {"inside": inside, "area": area, "density": density, "hit": hit}
+
+
 def overlay(photo: Any, heat: np.ndarray, alpha: float = 0.5) -> Any:
     """The photo (PIL RGB) with the photo-sized heat-map blended on in the 'jet' colour map (PIL RGB)."""
     from matplotlib import colormaps
