@@ -120,9 +120,9 @@ def test_flip_tta_logits_are_the_mean_of_the_two_passes(tmp_path: Path, tiny_pre
         by_hand = (model(x) + model(torch.flip(x, dims=(3,)))) / 2
         assert torch.allclose(with_tta(model, "flip")(x), by_hand, atol=1e-6)
         assert not torch.allclose(model(x), by_hand, atol=1e-4)  # the flip changes something here
-    # evaluate --tta flip: its probabilities are the softmax of those mean logits
+    # evaluate --tta flip: its probabilities are the softmax of those mean logits, in a file of its own
     evaluate_run(run, tiny_prepared, split="test", device="cpu", tta="flip").save()
-    with open(run / predictions_name("test")) as f:
+    with open(run / predictions_name("test_tta-flip")) as f:
         rows = list(csv.DictReader(f))
     probs = by_hand.softmax(dim=1)
     for i, r in enumerate(rows):

@@ -95,7 +95,7 @@ def evaluate_run(
         "split": split,
     }
     # a TTA other than the run's own gets its own file, beside the run's default result (never over it)
-    label = split if res.tta == cfg.eval.tta else f"{split}_tta-{res.tta}"
+    label = split if res.tta == read_model_info(run_dir).tta else f"{split}_tta-{res.tta}"
     files: dict[str, Any] = {metrics_name(label, tag): None}
     if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
