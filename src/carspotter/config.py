@@ -68,12 +68,18 @@ class AugConfig:
 class DataConfig:
     root: str = ""  # a prepared dataset directory (manifest.csv + images/)
     img_size: int = 224
-    resize_size: int | None = None  # shorter side before cropping; None → round(img_size / 0.875)
+    # shorter side before cropping; None → round(img_size / 0.875)
+    resize_size: int | None = field(
+        default=None, metadata={"help": "Shorter side before the crop (none = img_size / 0.875)."}
+    )
     # How a photo becomes a square: "center" = shorter side to resize_size, centre crop (timm/torchvision default);
     # "squash" = the whole photo resized to img_size × img_size, aspect ratio ignored (nothing of the car cut off).
-    crop_mode: Literal["center", "squash"] = "center"
-    batch_size: int = 32
-    num_workers: int = 0
+    crop_mode: Literal["center", "squash"] = field(
+        default="center",
+        metadata={"help": "center (shorter side, centre crop) | squash (whole photo to a square)."},
+    )
+    batch_size: int = field(default=32, metadata={"help": "Images per step per process."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 = in process)."})
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -87,10 +93,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # any timm model name, or "scratch_cnn"
-    pretrained: bool = True  # ImageNet weights by download (or `weights` when given)
-    weights: str | None = (
-        None  # local weights file: .safetensors, or a state dict (.pt/.pth, loaded weights_only)
+    arch: str = field(default="resnet50", metadata={"help": "Any timm model name, or scratch_cnn."})
+    pretrained: bool = field(
+        default=True, metadata={"help": "Start from ImageNet weights (downloaded, or --weights)."}
+    )
+    # local weights file: .safetensors, or a state dict (.pt/.pth, loaded weights_only); a CLI path is made absolute
+    weights: str | None = field(
+        default=None, metadata={"help": "Local backbone weights (.safetensors / .pt).", "path": True}
     )
     dropout: float = 0.0  # dropout before the classifier
     embed_dim: int | None = None  # add a linear embedding head of this size (metric learning)
@@ -165,9 +174,12 @@ class TrainConfig:
     ] = "auto"
     # Precision (models/inference.py): auto = bf16 autocast on CUDA, fp32 on CPU | none = fp32 | bf16 | fp16
     # (explicit opt-in on any device). Recorded in model.json: evaluate/predict/serve/index use the same.
-    amp: str = "auto"
+    amp: str = field(
+        default="auto",
+        metadata={"help": "Precision: auto (bf16 on CUDA, fp32 on CPU; default) | none | bf16 | fp16."},
+    )
     channels_last: bool = True
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     seed: int = 0
     deterministic: bool = False
     m_per_class: int = 4  # metric learning: samples per class in a batch
@@ -201,7 +213,11 @@ class TrainConfig:
 class EvalConfig:
     """Defaults for evaluate/predict/serve, recorded with the run (model.json); each command can override."""
 
-    tta: str = "none"  # none | flip (mean of the logits of the photo and its mirror image)
+    # none | flip (mean of the logits of the photo and its mirror image)
+    tta: str = field(
+        default="none",
+        metadata={"help": "Default test-time augmentation of evaluate/predict/serve: none | flip."},
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -212,8 +228,10 @@ class EvalConfig:
 
 @dataclass
 class RetrievalConfig:
-    k: int = 5
-    metric: Literal["euclidean", "cosine"] = "euclidean"
+    k: int = field(default=5, metadata={"help": "kNN neighbours (evaluate --knn)."})
+    metric: Literal["euclidean", "cosine"] = field(
+        default="euclidean", metadata={"help": "kNN distance: euclidean | cosine."}
+    )
     weighting: Literal["majority", "distance"] = "majority"
     gallery_split: str = "train"
     query_split: str = "test"
@@ -288,7 +306,9 @@ REMOVED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Short CLI names for the fields people override most (`--epochs 2` == `--set train.epochs=2`).
+# Short names for the fields people override most: `carspotter train --epochs 2` == `--set train.epochs=2` ==
+# `--set epochs=2`. The one table of them: the CLI makes one option per entry, typed and documented from the field
+# (its type, and `metadata["help"]` when the field has one; `metadata["path"]`: a path, made absolute).
 ALIASES: dict[str, str] = {
     "epochs": "train.epochs",
     "img_size": "data.img_size",
@@ -312,6 +332,18 @@ ALIASES: dict[str, str] = {
 
 class ConfigError(ValueError):
     """A config file or override names an unknown field or a value of the wrong type."""
+
+
+def config_field(dotted: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field at a dotted path (`train.epochs`) and its resolved type, for tools built on the config."""
+    cls: Any = ExperimentConfig
+    *sections, name = dotted.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"{dotted!r}: unknown field; known: {sorted(fields)}")
+    return fields[name], typing.get_type_hints(cls)[name]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,12 +1,16 @@
-"""Shared CLI plumbing: turning library errors into one clear line and a non-zero exit."""
+"""Shared CLI plumbing: library errors as one clear line and a non-zero exit; config flags from one table."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
+import types
+import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import typer
 
@@ -63,3 +67,58 @@ def setup_logging(level: int = logging.INFO) -> None:
         h.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(h)
     root.setLevel(level)
+
+
+CONFIG_PANEL = "Config fields (short for --set FIELD=VALUE; unset = the preset's value)"
+
+
+def config_options(fn: F) -> F:
+    """Replace `fn`'s `overrides` parameter by one option per `config.ALIASES` entry, so the short flags and
+    their mapping onto config fields live in that one table; `fn` gets the flags given as {alias: value}."""
+    from carspotter.config import ALIASES
+
+    options = [_alias_option(name, dotted) for name, dotted in ALIASES.items()]
+    flag_names = {p.name for p in options}
+    sig = inspect.signature(fn, eval_str=True)
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        params.extend(options if p.name == "overrides" else [p])
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in flag_names}
+        overrides = {
+            k: str(v.resolve()) if isinstance(v, Path) else v for k, v in given.items() if v is not None
+        }
+        return fn(*args, overrides=overrides, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]  # what typer reads
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper  # type: ignore[return-value]
+
+
+def _alias_option(name: str, dotted: str) -> inspect.Parameter:
+    """`--img-size` etc.: type and help from the config field (`metadata["help"]`, else its choices)."""
+    from carspotter.config import config_field
+
+    f, tp = config_field(dotted)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    choices = " | ".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal else ""
+    if f.metadata.get("path"):
+        tp = Path
+    elif tp not in (bool, int, float, str):
+        tp = str  # Literal, list, dict: checked (and parsed) by apply_overrides like a --set value
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{name.replace('_', '-')}"] if tp is bool else [flag]
+    help_ = f.metadata.get("help") or choices or ""
+    option = typer.Option(
+        None,
+        *decls,
+        help=f"{dotted}: {help_}" if help_ else dotted,
+        rich_help_panel=CONFIG_PANEL,
+        show_default=False,
+    )
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=tp | None
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from carspotter.cli.common import friendly_errors
+from carspotter.cli.common import config_options, friendly_errors
 
 
 def _table(title: str, rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> None:
@@ -49,32 +49,13 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@config_options
 def train(
     preset: str | None = typer.Option(None, "--preset", help="A preset name (see `carspotter presets`)."),
     config: Path | None = typer.Option(None, "--config", help="An ExperimentConfig YAML file."),
     data: Path | None = typer.Option(None, "--data", help="A prepared dataset directory."),
     out: Path = typer.Option(..., "--out", help="The run directory to create (or --resume)."),
-    epochs: int | None = typer.Option(None, "--epochs"),
-    img_size: int | None = typer.Option(None, "--img-size"),
-    crop_mode: str | None = typer.Option(
-        None, "--crop-mode", help="center (shorter side, centre crop) | squash (whole photo to a square)."
-    ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per process."),
-    backbone: str | None = typer.Option(None, "--backbone", help="Any timm model name, or scratch_cnn."),
-    weights: Path | None = typer.Option(
-        None, "--weights", help="Local backbone weights (.safetensors / .pt)."
-    ),
-    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained"),
-    lr: float | None = typer.Option(None, "--lr"),
-    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    seed: int | None = typer.Option(None, "--seed"),
-    amp: str | None = typer.Option(
-        None, "--amp", help="Precision: auto (bf16 on CUDA, fp32 on CPU; default) | none | bf16 | fp16."
-    ),
-    tta: str | None = typer.Option(
-        None, "--tta", help="Default test-time augmentation of evaluate/predict/serve: none | flip."
-    ),
-    num_workers: int | None = typer.Option(None, "--num-workers"),
+    overrides: dict[str, Any] | None = None,  # --epochs, --img-size, …: one option per config.ALIASES entry
     set_: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE config override, e.g. optim.name=sgd (repeatable)."
     ),
@@ -100,22 +81,7 @@ def train(
         cfg = read_run_config(out)
     else:
         raise ValueError("give --preset NAME (see `carspotter presets`) or --config FILE")
-    given = {
-        "epochs": epochs,
-        "img_size": img_size,
-        "crop_mode": crop_mode,
-        "batch_size": batch_size,
-        "backbone": backbone,
-        "weights": str(weights.resolve()) if weights else None,
-        "pretrained": pretrained,
-        "lr": lr,
-        "device": device,
-        "seed": seed,
-        "num_workers": num_workers,
-        "amp": amp,
-        "tta": tta,
-    }
-    cfg = apply_overrides(cfg, {k: v for k, v in given.items() if v is not None})
+    cfg = apply_overrides(cfg, overrides or {})
     cfg = apply_overrides(cfg, parse_set_args(set_))
     data_dir = data or (Path(cfg.data.root) if cfg.data.root else None)
     if data_dir is None:

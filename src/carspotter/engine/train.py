@@ -1,5 +1,11 @@
 """Training, torchvision-references style: `fit()` runs epochs of `train_one_epoch()` + `evaluate()`.
 
+`_fit` reads as its steps: `setup_run` (run dir, config, data, model, loss, loaders, optimiser → a
+`TrainState`), `resume_from` (last.pt), `open_run_dir` (config.yaml, model.json, TensorBoard), then per epoch
+`begin_epoch` (unfrozen stages, DDP wrapper, progressive size, seeds) → `train_one_epoch` → `evaluate_epoch`
+(val + the eval-mode train probe) → `select_and_checkpoint` (best, early stop, last.pt, metrics.csv), and
+`finish_run` (calibration on val, the summary).
+
 Resume is exact. Every random choice in an epoch is seeded from (seed, epoch[, rank][, item]): the sampler
 order (DistributedSampler.set_epoch), each item's augmentation (engine/loader.py) and the global RNG that
 dropout draws from (reseeded at each epoch start). `last.pt` holds model, optimizer, scheduler, EMA and loss
@@ -115,6 +121,7 @@ def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
 
 
 def amp_dtype_for(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of train.amp on `device` (None = fp32), the same rule inference uses."""
     return autocast_dtype(cfg.train.amp, device)
 
 
@@ -196,6 +203,7 @@ def evaluate(
 
 
 def val_metrics(cfg: ExperimentConfig, parts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Recall@K/MAP@R (metric task) or loss/accuracy/F1… (classification) of gathered `evaluate` outputs."""
     if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
 
@@ -221,6 +229,7 @@ def progressive_size(cfg: ExperimentConfig, epoch: int) -> int:
 
 
 def apply_stages(cfg: ExperimentConfig, model: CarModel, epoch: int) -> None:
+    """Freeze/unfreeze backbone stages as `trainable_stages` says for `epoch` (progressive unfreezing)."""
     n = trainable_stages(cfg, epoch)
     if n is None:
         apply_freeze(model, cfg.model.freeze)
@@ -249,6 +258,7 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every global RNG's state, in tensors and lists so last.pt loads with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
     return {
         "python": random.getstate(),
@@ -259,6 +269,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved, so a resumed epoch draws the same numbers."""
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -301,6 +312,7 @@ def resume_config(
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """metrics.csv, rewritten whole (atomically) each epoch so a killed run never leaves half a row."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -355,8 +367,163 @@ def _fit(
     overwrite: bool,
     progress: bool,
 ) -> dict[str, Any]:
+    """The training loop as its steps: set up, resume, then per epoch train + evaluate + checkpoint; finish."""
     t_start = time.perf_counter()
+    run = setup_run(
+        cfg, data_dir, out_dir, dist, device, resume=resume, overwrite=overwrite, progress=progress
+    )
+    if run.resuming:
+        resume_from(run)
+    open_run_dir(run)
+    for epoch in range(run.start_epoch, run.cfg.train.epochs):
+        if run.stopped_early:
+            break
+        t0 = time.perf_counter()
+        forward = begin_epoch(run, epoch)
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_stats, run.global_step = train_one_epoch(
+            forward,
+            run.loss_fn,
+            run.optimizer,
+            run.scheduler,
+            run.loaders.train,
+            epoch,
+            run.ctx,
+            global_step=run.global_step,
+            ddp_net=run.ddp_net,
+        )
+        val, probe = evaluate_epoch(run)
+        select_and_checkpoint(run, epoch, lr, {**train_stats, **probe}, val, t0)
+    return finish_run(run, t_start)
 
+
+# --- the steps of _fit, in order ------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaders:
+    """The run's data as the epochs see it (`build_loaders`)."""
+
+    sampler: Any  # the training order: set_epoch(epoch) before each epoch
+    train: Any
+    val: Any | None  # None: the dataset has no val images
+    probe: Any | None  # eval-mode pass over (a fixed subset of) the training photos, every epoch
+    cache: bool  # frozen backbone: train/val/probe hold pooled features and the head trains on them
+    train_at: Callable[[int], Any]  # progressive resizing: the training loader (same photos, order) at a size
+
+
+@dataclass
+class TrainState:
+    """One training run: what `setup_run` builds, then the progress each epoch advances (saved in last.pt)."""
+
+    cfg: ExperimentConfig  # resolved: the saved one when resuming, data.root = the absolute data_dir
+    data_dir: Path
+    out_dir: Path
+    ctx: StepContext  # device, DDP info, precision, EMA, mixing, TensorBoard writer
+    names: list[str]  # class names (labels 0..n-1)
+    model: CarModel
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loaders: Loaders
+    say: Callable[..., None]  # progress lines (rank 0)
+    resuming: bool = False
+    train_size: int = 0  # the size the training loader currently makes (data.progressive)
+    ddp_net: nn.Module | None = None  # DistributedDataParallel(model), rewrapped when trainability changes
+    trainable_sig: tuple[bool, ...] | None = None
+    # progress (last.pt)
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    since_best: int = 0
+    stopped_early: bool = False
+
+    @property
+    def dist(self) -> DistInfo:
+        return self.ctx.dist
+
+    @property
+    def metric_task(self) -> bool:
+        return self.cfg.task == "metric"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / ck.LAST
+
+    @property
+    def eval_model(self) -> CarModel:
+        """The weights that are evaluated and saved as best: the EMA's when there is one."""
+        return self.ctx.ema.module if self.ctx.ema is not None else self.model
+
+
+def setup_run(
+    cfg: ExperimentConfig,
+    data_dir: Path,
+    out_dir: Path,
+    dist: DistInfo,
+    device: torch.device,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> TrainState:
+    """Everything before the first epoch: run dir, resolved config, data, model, loss, loaders, optimiser."""
+    say, warn = _loggers(dist, progress)
+    resuming = check_run_dir(out_dir, dist, resume=resume, overwrite=overwrite, say=say)
+    if resuming:
+        cfg = resume_config(ck.read_run_config(out_dir), cfg, warn)
+    cfg = copy.deepcopy(cfg)
+    data_dir = data_dir.resolve()
+    cfg.data.root = str(data_dir)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    records, names = read_data(cfg, data_dir, warn)
+    model = build_model(cfg, len(names), dist, device, resuming=resuming, warn=warn)
+    loss_fn, mix = build_loss(cfg, model, len(names), device)
+    ema = None
+    if cfg.train.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # warm-up: the decay ramps 1 - (1 + step)^(-2/3) up to ema_decay, so a short run's EMA is not its init
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
+    ctx = StepContext(
+        device=device,
+        amp_dtype=amp_dtype_for(cfg, device),
+        accum=max(1, cfg.optim.grad_accum),
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        channels_last=_channels_last(cfg, device),
+        dist=dist,
+        ema=ema,
+        ema_source=model,
+        log_every=max(1, cfg.train.log_every),
+        progress=progress,
+        classify=cfg.task != "metric",
+        mix=mix,
+    )
+    loaders = build_loaders(cfg, data_dir, records, model, ctx, say, warn)
+    steps_per_epoch = math.ceil(len(loaders.train) / ctx.accum)
+    optimizer = build_optimizer(cfg, model, loss_fn.parameters())
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    return TrainState(
+        cfg=cfg,
+        data_dir=data_dir,
+        out_dir=out_dir,
+        ctx=ctx,
+        names=names,
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loaders=loaders,
+        say=say,
+        resuming=resuming,
+        train_size=cfg.data.img_size,
+    )
+
+
+def _loggers(dist: DistInfo, progress: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     def say(*a: Any) -> None:  # progress lines: INFO (DEBUG with progress=False); the CLI shows INFO
         if dist.is_main:
             log.log(logging.INFO if progress else logging.DEBUG, " ".join(map(str, a)))
@@ -365,7 +532,14 @@ def _fit(
         if dist.is_main:
             log.warning(" ".join(map(str, a)))
 
-    # --- run directory: rank 0 checks it; every rank stops with the same error --------------------------
+    return say, warn
+
+
+def check_run_dir(
+    out_dir: Path, dist: DistInfo, *, resume: bool, overwrite: bool, say: Callable[..., None]
+) -> bool:
+    """Rank 0 checks the run directory (never clobbered) and every rank stops with the same error; True when
+    there is a last.pt to resume from."""
     error = None
     if dist.is_main:
         try:
@@ -381,53 +555,66 @@ def _fit(
     resuming = resume and last_path.is_file()
     if resume and not resuming:
         say(f"note: {last_path} does not exist; starting from scratch")
-    if resuming:
-        cfg = resume_config(ck.read_run_config(out_dir), cfg, warn)
-    cfg = copy.deepcopy(cfg)
-    data_dir = data_dir.resolve()
-    cfg.data.root = str(data_dir)
-    seed = cfg.train.seed
-    metric_task = cfg.task == "metric"
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    return resuming
 
-    # --- data -------------------------------------------------------------------------------------------
+
+def read_data(
+    cfg: ExperimentConfig, data_dir: Path, warn: Callable[..., None]
+) -> tuple[list[Any], list[str]]:
+    """The manifest's records and class names, refusing a run with no training images (val may be empty)."""
     records = read_manifest(data_dir)
     names = class_names(records)
-    train_recs = split_records(records, cfg.data.train_split)
-    val_recs = split_records(records, cfg.data.val_split)
-    if not train_recs:
+    if not split_records(records, cfg.data.train_split):
         raise ValueError(f"{data_dir}: split {cfg.data.train_split!r} (data.train_split) has no images")
-    if not val_recs:
+    if not split_records(records, cfg.data.val_split):
         warn(
             f"warning: {data_dir} has no {cfg.data.val_split!r} images; carving none — "
             "the checkpoint is chosen by train loss (never by test)"
         )
+    return records, names
 
-    # --- model --------------------------------------------------------------------------------------------
-    seed_everything(seed)
+
+def _channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
+    return cfg.train.channels_last and device.type in ("cuda", "cpu")
+
+
+def build_model(
+    cfg: ExperimentConfig,
+    n_classes: int,
+    dist: DistInfo,
+    device: torch.device,
+    *,
+    resuming: bool,
+    warn: Callable[..., None],
+) -> CarModel:
+    """The network on its device, seeded from train.seed, with the run's preprocessing (and SyncBatchNorm)."""
+    seed_everything(cfg.train.seed)
     mcfg = copy.deepcopy(cfg.model)
     if resuming:  # every weight comes from last.pt: no download, no dependence on the original weights file
         mcfg.pretrained, mcfg.weights = False, None
-    model = create_model(mcfg, 0 if metric_task else len(names), cfg.data.img_size)
+    model = create_model(mcfg, 0 if cfg.task == "metric" else n_classes, cfg.data.img_size)
     model.preprocess = model.preprocess.with_data(cfg.data)  # the run's size/crop, the backbone's mean/std
-    pre = model.preprocess
     if dist.enabled and cfg.train.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
         else:
             warn("warning: train.sync_bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
-    channels_last = cfg.train.channels_last and device.type in ("cuda", "cpu")
     model = model.to(device)
-    if channels_last:
+    if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)  # type: ignore[assignment]
-    if metric_task:
-        from carspotter.retrieval.losses import build_metric_loss, build_sampler
+    return model
 
-        loss_fn: nn.Module = build_metric_loss(cfg, len(names), model.embed_dim).to(device)
+
+def build_loss(
+    cfg: ExperimentConfig, model: CarModel, n_classes: int, device: torch.device
+) -> tuple[nn.Module, Any]:
+    """(loss, mixing): a metric-learning loss (with its proxies), or cross-entropy with optional Mixup/CutMix."""
+    if cfg.task == "metric":
+        from carspotter.retrieval.losses import build_metric_loss
+
+        return build_metric_loss(cfg, n_classes, model.embed_dim).to(device), None
     mix = None
-    if not metric_task and (cfg.train.mixup_alpha or cfg.train.cutmix_alpha):
+    if cfg.train.mixup_alpha or cfg.train.cutmix_alpha:
         from timm.data import Mixup
 
         # timm's Mixup smooths the mixed targets itself, so the loss takes them as they are
@@ -437,40 +624,34 @@ def _fit(
             prob=cfg.train.mix_prob,
             switch_prob=cfg.train.mix_switch_prob,
             label_smoothing=cfg.train.label_smoothing,
-            num_classes=len(names),
+            num_classes=n_classes,
         )
-    if not metric_task:  # with mixing, timm's Mixup already smoothed the targets
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.0 if mix else cfg.train.label_smoothing)
-    ema = None
-    if cfg.train.ema_decay:
-        from timm.utils import ModelEmaV3
+    # with mixing, timm's Mixup already smoothed the targets
+    return nn.CrossEntropyLoss(label_smoothing=0.0 if mix else cfg.train.label_smoothing), mix
 
-        # warm-up: the decay ramps 1 - (1 + step)^(-2/3) up to ema_decay, so a short run's EMA is not its init
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
 
-    ctx = StepContext(
-        device=device,
-        amp_dtype=amp_dtype_for(cfg, device),
-        accum=max(1, cfg.optim.grad_accum),
-        clip_grad_norm=cfg.optim.clip_grad_norm,
-        channels_last=channels_last,
-        dist=dist,
-        ema=ema,
-        ema_source=model,
-        log_every=max(1, cfg.train.log_every),
-        progress=progress,
-        classify=not metric_task,
-        mix=mix,
-    )
-
-    # --- loaders --------------------------------------------------------------------------------------------
-    train_tf = pre.train_transform(cfg.data.aug)
+def build_loaders(
+    cfg: ExperimentConfig,
+    data_dir: Path,
+    records: list[Any],
+    model: CarModel,
+    ctx: StepContext,
+    say: Callable[..., None],
+    warn: Callable[..., None],
+) -> Loaders:
+    """Train/val/probe loaders over the prepared dataset, or over features computed once (`can_cache_features`)."""
+    dist, metric_task, seed, pre = ctx.dist, cfg.task == "metric", cfg.train.seed, model.preprocess
     eval_tf = pre.transform()
-    train_ds = PreparedDataset(data_dir, cfg.data.train_split, train_tf, cfg.data.crop_bbox, records=records)
+    train_ds = PreparedDataset(
+        data_dir, cfg.data.train_split, pre.train_transform(cfg.data.aug), cfg.data.crop_bbox, records=records
+    )
     val_ds = PreparedDataset(data_dir, cfg.data.val_split, eval_tf, cfg.data.crop_bbox, records=records)
-    bs, nw, pin = cfg.data.batch_size, cfg.data.num_workers, device.type == "cuda"
+    bs, nw, pin = cfg.data.batch_size, cfg.data.num_workers, ctx.device.type == "cuda"
     train_ds.one_thread_transforms = val_ds.one_thread_transforms = nw == 0  # this loop owns the process
+    drop_last = metric_task or bool(ctx.mix)
     if metric_task:
+        from carspotter.retrieval.losses import build_sampler
+
         if dist.enabled:
             raise ValueError("task: metric is single-process for now; run it without torchrun / --nproc")
         sampler = train_sampler(len(train_ds), seed, base=build_sampler(train_ds.labels, cfg))
@@ -494,20 +675,14 @@ def _fit(
         val_loader = make_loader(val_items, val_sampler, bs, 0, seed) if val_items is not None else None
     else:
         train_loader = make_loader(
-            SeededItems(train_ds, seed),
-            sampler,
-            bs,
-            nw,
-            seed,
-            pin_memory=pin,
-            drop_last=metric_task or bool(mix),
+            SeededItems(train_ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=drop_last
         )
         val_loader = (
             make_loader(SeededItems(val_ds, seed, False), val_sampler, bs, nw, seed, pin_memory=pin)
             if len(val_ds)
             else None
         )
-    probe_loader = None  # eval-mode pass over (a fixed subset of) the training photos, every epoch
+    probe_loader = None
     if not metric_task and cfg.train.eval_train_max:
         from torch.utils.data import Subset
 
@@ -529,189 +704,208 @@ def _fit(
         warn(
             "warning: data.progressive is ignored: a frozen backbone trains its head on features computed once"
         )
-    train_size = cfg.data.img_size
 
-    def train_loader_at(size: int) -> Any:  # progressive resizing: the same photos and order at a new size
+    def train_at(size: int) -> Any:  # progressive resizing: the same photos and order at a new size
         scaled = cfg.data.resize_size and round(cfg.data.resize_size * size / cfg.data.img_size)
         tf = dataclasses.replace(pre, img_size=size, resize_size=scaled or None).train_transform(cfg.data.aug)
         ds = PreparedDataset(data_dir, cfg.data.train_split, tf, cfg.data.crop_bbox, records=records)
         ds.one_thread_transforms = nw == 0
-        return make_loader(
-            SeededItems(ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=metric_task or bool(mix)
-        )
+        return make_loader(SeededItems(ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=drop_last)
 
     if len(train_loader) == 0:
         raise ValueError(f"{data_dir}: too few training images for one batch of {bs}")
-    steps_per_epoch = math.ceil(len(train_loader) / ctx.accum)
-    optimizer = build_optimizer(cfg, model, loss_fn.parameters())
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    return Loaders(sampler, train_loader, val_loader, probe_loader, cache, train_at)
 
-    # --- resume --------------------------------------------------------------------------------------------
-    start_epoch, global_step, history = 0, 0, []
-    best: dict[str, Any] | None = None
-    since_best, stopped_early = 0, False
-    if resuming:
-        state = ck.load_state(last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if state.get("loss"):
-            loss_fn.load_state_dict(state["loss"])
-        start_epoch, global_step, history = state["epoch"], state["global_step"], list(state["history"])
-        best, since_best, stopped_early = state["best"], state["since_best"], state["stopped_early"]
-        set_rng_state(state["rng"])
-        say(f"resuming {out_dir} after epoch {start_epoch}")
 
-    # --- run-dir files written at the start (rank 0) -------------------------------------------------------
-    writer = None
-    if dist.is_main:
-        for stale in out_dir.glob(".*.tmp"):  # temp files of a write that was killed midway
+def resume_from(run: TrainState) -> None:
+    """Load model, optimiser, scheduler, EMA, loss, progress and RNG state from last.pt: the next epoch replays
+    exactly as it would have run without the interruption."""
+    state = ck.load_state(run.last_path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ctx.ema is not None and state.get("ema") is not None:
+        run.ctx.ema.load_state_dict(state["ema"])
+    if state.get("loss"):
+        run.loss_fn.load_state_dict(state["loss"])
+    run.start_epoch, run.global_step, run.history = (
+        state["epoch"],
+        state["global_step"],
+        list(state["history"]),
+    )
+    run.best, run.since_best, run.stopped_early = state["best"], state["since_best"], state["stopped_early"]
+    set_rng_state(state["rng"])
+    run.say(f"resuming {run.out_dir} after epoch {run.start_epoch}")
+
+
+def open_run_dir(run: TrainState) -> None:
+    """Rank 0 writes config.yaml and model.json and opens TensorBoard, so a run dir is usable from epoch 1."""
+    if run.dist.is_main:
+        for stale in run.out_dir.glob(".*.tmp"):  # temp files of a write that was killed midway
             stale.unlink(missing_ok=True)
-        dump_config(cfg, out_dir / ck.CONFIG)
-        ck.save_model_json(out_dir, ck.model_info(model, cfg, names))
+        dump_config(run.cfg, run.out_dir / ck.CONFIG)
+        ck.save_model_json(run.out_dir, ck.model_info(run.model, run.cfg, run.names))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=global_step if resuming else None)
-        ctx.writer = writer
-    barrier(dist)
-
-    columns = METRIC_COLUMNS if metric_task else CLS_COLUMNS
-    if stopped_early or start_epoch >= cfg.train.epochs:
-        say(f"{out_dir}: already trained {start_epoch} epoch(s); nothing to do (raise --epochs to continue)")
-    ddp_net, trainable_sig = None, None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        before = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
-        apply_stages(cfg, model, epoch)
-        after = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
-        if after != before and epoch > 0:
-            say(
-                f"epoch {epoch + 1}: {after / 1e6:.2f} M backbone parameters trainable "
-                f"(was {before / 1e6:.2f} M)"
-            )
-        if dist.enabled:
-            sig = tuple(p.requires_grad for p in model.parameters())
-            if sig != trainable_sig:  # DDP hooks only parameters trainable at wrap time
-                ids = [device.index] if device.type == "cuda" else None
-                ddp_net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-                trainable_sig = sig
-        size = progressive_size(cfg, epoch)
-        if not cache and size != train_size:
-            say(
-                f"epoch {epoch + 1}: training at {size} px (data.progressive; evaluated at {cfg.data.img_size})"
-            )
-            train_loader, train_size = train_loader_at(size), size
-        set_train_mode(model, cfg)
-        seed_epoch(seed, epoch, dist.rank)
-        sampler.set_epoch(epoch)
-        if cache:
-            forward: Callable[[torch.Tensor], torch.Tensor] = model.forward_head
-        elif metric_task:
-            forward = model.embed
-        else:
-            forward = ddp_net if ddp_net is not None else model
-        lr = optimizer.param_groups[0]["lr"]
-        train_stats, global_step = train_one_epoch(
-            forward,
-            loss_fn,
-            optimizer,
-            scheduler,
-            train_loader,
-            epoch,
-            ctx,
-            global_step=global_step,
-            ddp_net=ddp_net,
+        purge = run.global_step if run.resuming else None
+        run.ctx.writer = SummaryWriter(str(run.out_dir / "tb"), purge_step=purge)
+    barrier(run.dist)
+    if run.stopped_early or run.start_epoch >= run.cfg.train.epochs:
+        run.say(
+            f"{run.out_dir}: already trained {run.start_epoch} epoch(s); nothing to do (raise --epochs to continue)"
         )
 
-        eval_model = ema.module if ema is not None else model
-        val: dict[str, Any] | None = None
-        if val_loader is not None:
-            eval_model.eval()
-            fwd = eval_model.forward_head if cache else (eval_model.embed if metric_task else eval_model)
-            val = val_metrics(cfg, evaluate(fwd, val_loader, ctx))
-            # plain Python scalars only: last.pt must stay loadable with weights_only=True
-            val = {k: (None if v is None else float(v)) for k, v in val.items() if _is_scalar(v)}
-        if probe_loader is not None:
-            eval_model.eval()
-            fwd = eval_model.forward_head if cache else eval_model
-            probe = val_metrics(cfg, evaluate(fwd, probe_loader, ctx, desc="train (eval mode)"))
-            train_stats["train_eval_loss"] = float(probe["loss"])
-            train_stats["train_eval_accuracy"] = float(probe["accuracy"])
-        if val is None:
-            name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]  # type: ignore
-        else:
-            name = cfg.train.select_metric  # validated against the task by the config
-            if name == "auto":
-                name = "recall_at_1" if metric_task else "accuracy"
-            value = val[name]
-            score = -value if name == "loss" else value
-        improved = best is None or score > best["score"]
-        if improved:
-            best = {"score": score, "epoch": epoch + 1, "metric": name, "value": value}
-            since_best = 0
-        else:
-            since_best += 1
-        patience = cfg.train.early_stop_patience
-        stopped_early = bool(patience and since_best >= patience and epoch + 1 < cfg.train.epochs)
 
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train_stats}
-        if val is not None:
-            row.update({f"val_{k}": v for k, v in val.items()})
-        row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
-        if dist.is_main:
-            if improved:
-                ck.save_weights(eval_model, out_dir / ck.BEST)
-            ck.save_state(
-                last_path,
-                {
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "loss": loss_fn.state_dict(),
-                    "best": best,
-                    "since_best": since_best,
-                    "stopped_early": stopped_early,
-                    "history": history,
-                    "rng": rng_state(),
-                    "config": to_dict(cfg),
-                },
-            )
-            write_metrics_csv(out_dir / "metrics.csv", history, columns)
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, int | float):
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)  # type: ignore[union-attr]
-            writer.flush()  # type: ignore[union-attr]
-        say(_epoch_line(row, cfg.train.epochs, improved, metric_task))
-        if stopped_early:
-            say(f"early stop: no improvement in {name} for {patience} epochs")
-    if writer is not None:
-        writer.close()
-    if dist.is_main and not metric_task and len(val_ds) and best is not None:
+def begin_epoch(run: TrainState, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Set what this epoch trains (unfrozen stages, DDP wrapper, input size), train mode and the epoch's seeds;
+    return the forward the training steps call."""
+    cfg, model = run.cfg, run.model
+    before = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    apply_stages(cfg, model, epoch)
+    after = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    if after != before and epoch > 0:
+        run.say(
+            f"epoch {epoch + 1}: {after / 1e6:.2f} M backbone parameters trainable (was {before / 1e6:.2f} M)"
+        )
+    if run.dist.enabled:
+        sig = tuple(p.requires_grad for p in model.parameters())
+        if sig != run.trainable_sig:  # DDP hooks only parameters trainable at wrap time
+            device = run.ctx.device
+            ids = [device.index] if device.type == "cuda" else None
+            run.ddp_net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            run.trainable_sig = sig
+    size = progressive_size(cfg, epoch)
+    if not run.loaders.cache and size != run.train_size:
+        run.say(
+            f"epoch {epoch + 1}: training at {size} px (data.progressive; evaluated at {cfg.data.img_size})"
+        )
+        run.loaders.train, run.train_size = run.loaders.train_at(size), size
+    set_train_mode(model, cfg)
+    seed_epoch(cfg.train.seed, epoch, run.dist.rank)
+    run.loaders.sampler.set_epoch(epoch)
+    if run.loaders.cache:
+        return model.forward_head
+    if run.metric_task:
+        return model.embed
+    return run.ddp_net if run.ddp_net is not None else model
+
+
+def evaluate_epoch(run: TrainState) -> tuple[dict[str, float | None] | None, dict[str, float]]:
+    """(val metrics or None without val images, train_eval_* of the eval-mode probe) of the eval weights."""
+    eval_model, cache = run.eval_model, run.loaders.cache
+    val: dict[str, float | None] | None = None
+    if run.loaders.val is not None:
+        eval_model.eval()
+        fwd = eval_model.forward_head if cache else (eval_model.embed if run.metric_task else eval_model)
+        metrics = val_metrics(run.cfg, evaluate(fwd, run.loaders.val, run.ctx))
+        # plain Python scalars only: last.pt must stay loadable with weights_only=True
+        val = {k: (None if v is None else float(v)) for k, v in metrics.items() if _is_scalar(v)}
+    probe: dict[str, float] = {}
+    if run.loaders.probe is not None:
+        eval_model.eval()
+        fwd = eval_model.forward_head if cache else eval_model
+        p = val_metrics(run.cfg, evaluate(fwd, run.loaders.probe, run.ctx, desc="train (eval mode)"))
+        probe = {"train_eval_loss": float(p["loss"]), "train_eval_accuracy": float(p["accuracy"])}
+    return val, probe
+
+
+def select_and_checkpoint(
+    run: TrainState,
+    epoch: int,
+    lr: float,
+    train_stats: dict[str, Any],
+    val: dict[str, float | None] | None,
+    t0: float,
+) -> None:
+    """Keep the best epoch (best.safetensors), decide early stopping, save last.pt + metrics.csv (rank 0)."""
+    cfg = run.cfg
+    if val is None:
+        name, value, score = "train_loss", train_stats["train_loss"], -train_stats["train_loss"]
+    else:
+        name = cfg.train.select_metric  # validated against the task by the config
+        if name == "auto":
+            name = "recall_at_1" if run.metric_task else "accuracy"
+        value = val[name]
+        score = -value if name == "loss" else value  # type: ignore[operator]
+    improved = run.best is None or score > run.best["score"]
+    if improved:
+        run.best = {"score": score, "epoch": epoch + 1, "metric": name, "value": value}
+        run.since_best = 0
+    else:
+        run.since_best += 1
+    patience = cfg.train.early_stop_patience
+    run.stopped_early = bool(patience and run.since_best >= patience and epoch + 1 < cfg.train.epochs)
+
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train_stats}
+    if val is not None:
+        row.update({f"val_{k}": v for k, v in val.items()})
+    row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+    run.history.append(row)
+    if run.dist.is_main:
+        save_checkpoint(run, epoch, improved)
+        writer = run.ctx.writer
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, int | float):
+                writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+        writer.flush()
+    run.say(_epoch_line(row, cfg.train.epochs, improved, run.metric_task))
+    if run.stopped_early:
+        run.say(f"early stop: no improvement in {name} for {patience} epochs")
+
+
+def save_checkpoint(run: TrainState, epoch: int, improved: bool) -> None:
+    """best.safetensors when this epoch improved; last.pt (everything an exact resume needs); metrics.csv."""
+    if improved:
+        ck.save_weights(run.eval_model, run.out_dir / ck.BEST)
+    ema = run.ctx.ema
+    ck.save_state(
+        run.last_path,
+        {
+            "epoch": epoch + 1,
+            "global_step": run.global_step,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "loss": run.loss_fn.state_dict(),
+            "best": run.best,
+            "since_best": run.since_best,
+            "stopped_early": run.stopped_early,
+            "history": run.history,
+            "rng": rng_state(),
+            "config": to_dict(run.cfg),
+        },
+    )
+    columns = METRIC_COLUMNS if run.metric_task else CLS_COLUMNS
+    write_metrics_csv(run.out_dir / "metrics.csv", run.history, columns)
+
+
+def finish_run(run: TrainState, t_start: float) -> dict[str, Any]:
+    """Close TensorBoard, calibrate on val (rank 0, classification), log each rank's final weights digest;
+    return the run's summary."""
+    dist, best = run.dist, run.best
+    if run.ctx.writer is not None:
+        run.ctx.writer.close()
+    if dist.is_main and not run.metric_task and run.loaders.val is not None and best is not None:
         from carspotter.engine.calibration import calibrate_run  # temperature + open-set threshold on val
 
-        cal = calibrate_run(out_dir, data_dir, cfg.data.val_split, device=str(device))
-        say(f"calibrated on val: temperature {cal.temperature:.3f}, open-set threshold {cal.threshold:.4f}")
+        cal = calibrate_run(run.out_dir, run.data_dir, run.cfg.data.val_split, device=str(run.ctx.device))
+        run.say(
+            f"calibrated on val: temperature {cal.temperature:.3f}, open-set threshold {cal.threshold:.4f}"
+        )
 
-    digest = weights_digest(model)
+    digest = weights_digest(run.model)
     if dist.enabled:
         log.info("rank %d/%d: final weights sha256 %s", dist.rank, dist.world_size, digest)
     barrier(dist)
     return {
-        "run_dir": str(out_dir),
-        "epochs_completed": len(history),
+        "run_dir": str(run.out_dir),
+        "epochs_completed": len(run.history),
         "best_epoch": best["epoch"] if best else None,
         "select_metric": best["metric"] if best else None,
         "best_value": best["value"] if best else None,
-        "stopped_early": stopped_early,
-        "last": history[-1] if history else {},
+        "stopped_early": run.stopped_early,
+        "last": run.history[-1] if run.history else {},
         "wall_time_s": round(time.perf_counter() - t_start, 2),
         "world_size": dist.world_size,
         "weights_sha256": digest,
