@@ -31,10 +31,7 @@ from carspotter.explain.box import (
     BoxSettings,
     activation_maps,
     box_area,
-    box_from_map,
-    normalise_maps,
-    to_photo,
-    view_window,
+    photo_boxes,
 )
 from carspotter.models.factory import CarModel
 
@@ -137,14 +134,7 @@ class Looker:
 
     def boxes_for(self, images: Sequence[Image.Image], maps: torch.Tensor) -> np.ndarray:
         """(N, h, w) raw maps of the network's view → (N, 4) boxes normalised to each photo."""
-        norm = normalise_maps(maps, self.img_size).cpu().numpy()
-        out = np.empty((len(images), 4), dtype=np.float64)
-        for i, im in enumerate(images):
-            b = box_from_map(norm[i], self.box.threshold, self.box.margin)
-            pre = self.preprocess
-            win = view_window(im.width, im.height, self.img_size, pre.resize_side, pre.crop_mode)
-            out[i] = to_photo(b, win)
-        return out
+        return photo_boxes(maps, [im.size for im in images], self.preprocess, self.box)
 
     def __call__(self, images: Sequence[Image.Image]) -> Looks:
         t0 = time.perf_counter()
