@@ -251,6 +251,39 @@ def zoom_comparison(labels: np.ndarray, first: torch.Tensor, final: torch.Tensor
     }
 
 
+def load_for_split(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    device: str = "cpu",
+    crop_bbox: bool | None = None,
+) -> tuple[CarModel, Any, Any, Any]:
+    """(model, model info, PreparedDataset split, run config or None): a classification run and the photos
+    to score it on, checked to share its classes. `data_dir` defaults to the run's own data, `crop_bbox` to
+    its own setting (localisation passes False: it needs the whole photos its boxes refer to)."""
+    from carspotter.data.dataset import PreparedDataset
+    from carspotter.models.loading import load_run
+    from carspotter.rundir import CONFIG, RunError, read_run_config
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir) if (run_dir / CONFIG).is_file() else None
+    if data_dir is None:
+        if cfg is None:
+            raise RunError(f"{run_dir}: no {CONFIG} to say which data it was trained on; pass the data")
+        data_dir = cfg.data.root
+    model, info = load_run(run_dir, device)
+    if info.num_classes <= 0:
+        raise RunError(f"{run_dir}: a metric-learning run has no classifier: no CAM box, no second look")
+    if crop_bbox is None:
+        crop_bbox = bool(cfg.data.crop_bbox) if cfg is not None else False
+    ds = PreparedDataset(Path(data_dir), split, crop_bbox=crop_bbox)
+    if ds.class_names != info.class_names:
+        raise RunError(
+            f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
+        )
+    return model, info, ds, cfg
+
+
 def evaluate_zoom(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -267,38 +300,28 @@ def evaluate_zoom(
     the one-look result files are kept. One pass gives both looks of every photo: the gain is a paired
     comparison on the same run, and the one-look figures equal `evaluate`'s (same transform, same weights).
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.engine.evaluate import _predictions_csv, autocast_dtype
-    from carspotter.models.loading import load_run
     from carspotter.retrieval.metrics import classification_metrics
     from carspotter.rundir import (
         EvalResult,
         RunError,
         data_tag,
-        read_run_config,
         zoom_metrics_name,
         zoom_predictions_name,
     )
     from carspotter.utils import resolve_device
 
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
     dev = torch.device(resolve_device(device))
-    model, info = load_run(run_dir, str(dev))
-    if info.num_classes <= 0:
-        raise RunError(f"{run_dir}: a metric-learning run has no classifier to zoom with")
-    data_dir = Path(data_dir or cfg.data.root)
-    tag = data_tag(data_dir, cfg.data.root)
-    ds = PreparedDataset(data_dir, split, crop_bbox=cfg.data.crop_bbox)
-    if ds.class_names != info.class_names:
-        raise RunError(
-            f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
-        )
+    model, info, ds, cfg = load_for_split(run_dir, data_dir, split, str(dev))
+    data_dir = ds.root
+    tag = data_tag(data_dir, cfg.data.root if cfg is not None else None)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise RunError(f"{data_dir}: split {split!r} has no images")
     zoom = zoom or ZoomSettings()
-    looker = Looker(model, info, box, zoom, dev, autocast_dtype(cfg.train.amp, dev))
+    amp = cfg.train.amp if cfg is not None else False
+    looker = Looker(model, info, box, zoom, dev, autocast_dtype(amp, dev))
     firsts, finals, seconds, boxes, zoomed = [], [], [], [], []
     t_first = t_second = 0.0
     for s in range(0, n, batch_size):
@@ -379,13 +402,10 @@ def localisation(
     """Mean IoU and CorLoc (IoU ≥ 0.5) of the CAM box against the manifest's true boxes, and of two
     baselines: the centred box (`centre_share` of each side) and the whole photo. Photos without a box are skipped.
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.explain.box import WHOLE, centre_box, corloc, iou
-    from carspotter.models.loading import load_run
     from carspotter.rundir import RunError
 
-    model, info = load_run(run_dir, device)
-    ds = PreparedDataset(data_dir, split)
+    model, info, ds, _ = load_for_split(run_dir, data_dir, split, device, crop_bbox=False)
     idx = [i for i, r in enumerate(ds.records) if r.bbox is not None]
     if not idx:
         raise RunError(f"{data_dir}: no photo of split {split!r} has a box (x1,y1,x2,y2 in manifest.csv)")
