@@ -169,18 +169,6 @@ class Looker:
         return looks
 
 
-def top_k(logits: torch.Tensor, class_names: list[str], k: int) -> list[list[dict[str, Any]]]:
-    probs = logits.float().softmax(dim=1)
-    top = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [
-        [
-            {"label": int(c), "class_name": class_names[int(c)], "prob": float(p)}
-            for p, c in zip(top.values[i], top.indices[i], strict=True)
-        ]
-        for i in range(probs.shape[0])
-    ]
-
-
 def rounded(box: Sequence[float]) -> list[float]:
     return [round(float(v), 4) for v in box]
 
@@ -193,26 +181,20 @@ def predict_with_box(
     box: BoxSettings | None = None,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Top-k per photo, with where the car is: [{"path", "top", "box": [x1, y1, x2, y2], "zoomed"}]."""
-    from carspotter.data.images import open_rgb
-    from carspotter.models.loading import load_run
-    from carspotter.rundir import RunError
+    """Top-k per photo (calibrated), with where the car is: [{"path", "top", "box": [x1, y1, x2, y2], "zoomed"}].
 
-    model, info = load_run(run_dir, device)
-    if info.num_classes <= 0:
+    The short form of `predict --zoom` (engine.batch_predict.predict_files with a Looker), one look at full
+    precision, no test-time augmentation."""
+    from functools import partial
+
+    from carspotter.engine.batch_predict import predict_files, top_lists
+    from carspotter.rundir import RunError, read_model_info
+
+    if read_model_info(run_dir).num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    images = [open_rgb(Path(p)) for p in paths]
-    looks = Looker(model, info, box, zoom, device)(images)
-    tops = top_k(looks.logits, info.class_names, k)
-    return [
-        {
-            "path": str(p),
-            "top": tops[i],
-            "box": rounded(looks.boxes[i]),
-            "zoomed": bool(looks.zoomed[i]) if looks.zoomed is not None else False,
-        }
-        for i, p in enumerate(paths)
-    ]
+    looker = partial(Looker, box=box, zoom=zoom, device=device)
+    rows = predict_files(run_dir, [Path(p) for p in paths], k=k, device=device, tta="none", looker=looker)
+    return top_lists(rows)
 
 
 def mcnemar(first_ok: np.ndarray, second_ok: np.ndarray) -> dict[str, float]:
@@ -257,10 +239,12 @@ def load_for_split(
     split: str = "test",
     device: str = "cpu",
     crop_bbox: bool | None = None,
+    check_classes: bool = True,
 ) -> tuple[CarModel, Any, Any, Any]:
     """(model, model info, PreparedDataset split, run config or None): a classification run and the photos
     to score it on, checked to share its classes. `data_dir` defaults to the run's own data, `crop_bbox` to
-    its own setting (localisation passes False: it needs the whole photos its boxes refer to)."""
+    its own setting (localisation passes False: it needs the whole photos its boxes refer to; and it scores
+    boxes, not classes, so it may skip `check_classes`)."""
     from carspotter.data.dataset import PreparedDataset
     from carspotter.models.loading import load_run
     from carspotter.rundir import CONFIG, RunError, read_run_config
@@ -277,7 +261,7 @@ def load_for_split(
     if crop_bbox is None:
         crop_bbox = bool(cfg.data.crop_bbox) if cfg is not None else False
     ds = PreparedDataset(Path(data_dir), split, crop_bbox=crop_bbox)
-    if ds.class_names != info.class_names:
+    if check_classes and ds.class_names != info.class_names:
         raise RunError(
             f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
         )
@@ -405,7 +389,9 @@ def localisation(
     from carspotter.explain.box import WHOLE, centre_box, corloc, iou
     from carspotter.rundir import RunError
 
-    model, info, ds, _ = load_for_split(run_dir, data_dir, split, device, crop_bbox=False)
+    model, info, ds, _ = load_for_split(
+        run_dir, data_dir, split, device, crop_bbox=False, check_classes=False
+    )
     idx = [i for i, r in enumerate(ds.records) if r.bbox is not None]
     if not idx:
         raise RunError(f"{data_dir}: no photo of split {split!r} has a box (x1,y1,x2,y2 in manifest.csv)")
