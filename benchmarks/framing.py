@@ -5,6 +5,8 @@ Re-framings of each photo (w × h):
                 look at the original photo (clamped inside the photo)
   wider frames  the photo shrunk to 75 / 50 % of each side and pasted in the middle of a w × h canvas that is
                 padded (the photo's mean colour) or blurred (the photo itself, Gaussian-blurred, radius w/10)
+  resolution    the whole photo shrunk to 60 / 50 % of each side, nothing else: the ceiling of a zoom that
+                found the car of a 50 % wide frame exactly (the crop has only that many pixels)
 Each is classified once (one look) and with `--zoom` (one pass gives both: explain/zoom.py Looker), and the
 accuracy is printed against the framing, with its ratio to the original framing (two ratios with zoom: to the
 original framing with zoom, and to the original framing's one look), and the zoom's paired gain with its
@@ -52,6 +54,13 @@ def tight(img: Image.Image, share: float, centre: tuple[float, float]) -> Image.
     return img.crop((left, top, left + cw, top + ch))
 
 
+def lowres(img: Image.Image, share: float) -> Image.Image:
+    """The whole photo at `share` of its resolution (same framing, fewer pixels): what a perfect crop of a car
+    filling `share` of each side would give, so the ceiling of any zoom on a wide frame of that share."""
+    w, h = img.size
+    return img.resize((max(1, round(w * share)), max(1, round(h * share))), Image.Resampling.BILINEAR)
+
+
 def wide(img: Image.Image, share: float, canvas: str) -> Image.Image:
     """The photo at `share` of each side in the middle of a canvas of its own size: padded or blurred."""
     w, h = img.size
@@ -81,6 +90,8 @@ def conditions(
     for s in (0.75, 0.5):
         for canvas in ("pad", "blur"):
             out.append((f"wide {int(s * 100)} % {canvas}", lambda im, b, s=s, c=canvas: wide(im, s, c)))
+    for s in (0.6, 0.5):
+        out.append((f"resolution {int(s * 100)} %", lambda im, b, s=s: lowres(im, s)))
     return [c for c in out if only is None or c[0] in only]
 
 
@@ -231,6 +242,16 @@ def smoke() -> dict[str, Any]:
     return run_benchmark(tmp / "run", tmp / "data", "test", None, "mean")
 
 
+def _only(a: argparse.Namespace) -> tuple[str, ...] | None:
+    if a.framings:
+        names = ("original", *(n.strip() for n in a.framings.split(",")))
+        unknown = set(names) - {n for n, _ in conditions()}
+        if unknown:
+            sys.exit(f"--framings: unknown {sorted(unknown)}; known: {[n for n, _ in conditions()]}")
+        return names
+    return FOCUS if a.focus else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path)
@@ -240,6 +261,7 @@ def main() -> None:
     ap.add_argument("--combine", default="mean", help="How --zoom combines the looks: mean | zoom | gate.")
     ap.add_argument("--margin", type=float, default=None, help="Context around the box for the crop.")
     ap.add_argument("--focus", action="store_true", help=f"Only the framings {', '.join(FOCUS)}.")
+    ap.add_argument("--framings", help="Only these framings (comma-separated names; original is always run).")
     ap.add_argument("--json", type=Path, help="Also write the result here (refuses to overwrite).")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
@@ -250,9 +272,7 @@ def main() -> None:
     else:
         if a.run is None:
             ap.error("give --run RUN, or --smoke")
-        r = run_benchmark(
-            a.run, a.data, a.split, a.limit, a.combine, margin=a.margin, only=FOCUS if a.focus else None
-        )
+        r = run_benchmark(a.run, a.data, a.split, a.limit, a.combine, margin=a.margin, only=_only(a))
     print_report(r)
     if a.json:
         if a.json.exists():
