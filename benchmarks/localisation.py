@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import machine_line
 
-from carspotter.data.dataset import PreparedDataset
 from carspotter.explain.box import (
     WHOLE,
     BoxSettings,
@@ -40,7 +39,7 @@ from carspotter.explain.box import (
     to_photo,
     view_window,
 )
-from carspotter.models.loading import load_run
+from carspotter.explain.zoom import load_for_split
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -49,10 +48,11 @@ CENTRE_SHARES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def maps_and_truth(run: Path, data: Path, split: str, batch: int = 32) -> dict[str, Any]:
     """Normalised CAMs (N, S, S), view windows, true boxes (normalised), labels and top-1 of every boxed photo."""
-    model, _ = load_run(run)
+    model, _, ds, _ = load_for_split(
+        run, data, split, crop_bbox=False
+    )  # whole photos: the boxes refer to them
     tf = model.preprocess.transform()
     s = model.preprocess.img_size
-    ds = PreparedDataset(data, split)
     idx = [i for i, r in enumerate(ds.records) if r.bbox is not None]
     maps, wins, truth, preds = [], [], [], []
     for b in range(0, len(idx), batch):

@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from carspotter.cli import build_app
+from carspotter.cli.explain_cmds import load_explainer
 from carspotter.data.images import open_rgb
 from carspotter.explain.evidence import evidence
 from carspotter.retrieval.index import GalleryIndex, GalleryIndexError
@@ -59,9 +60,33 @@ def test_shared_pass_query_equals_the_gallery_path(run_and_index: dict[str, Path
     assert px._shares_pass()
     photos = [open_rgb(run_and_index["data"] / "images" / n) for n in ("c0_006.jpg", "c2_007.jpg")]
     x = torch.stack([px.transform(p) for p in photos])
-    _, _, feats = px._explain(x, None)
+    _, _, feats, _ = px._explain(x, None)
     want = embed_queries(px.index, embedder_for_index(px.index), photos)
     np.testing.assert_allclose(px._queries(photos, feats), want, rtol=1e-4, atol=1e-4)
+
+
+def assert_box(box: object) -> None:
+    """A CAM box: normalised (x1, y1, x2, y2) inside the photo, not empty."""
+    assert isinstance(box, list) and len(box) == 4, box
+    x1, y1, x2, y2 = box
+    assert all(0.0 <= v <= 1.0 for v in box), box
+    assert x1 < x2 and y1 < y2, box
+
+
+def test_explain_box_is_the_classify_box(run_and_index: dict[str, Path]) -> None:
+    """The box in explain.json is the CAM box `predict`/classify give for the same photo (explain/box.py),
+    whether it reuses the explanation's pass or not."""
+    from carspotter.explain.zoom import Looker
+    from carspotter.models.loading import load_run
+
+    px = load_explainer(run_and_index["run"], None, "gradcam++", "cpu")
+    photos = [open_rgb(run_and_index["data"] / "images" / n) for n in ("c0_006.jpg", "c2_007.jpg")]
+    expls = px.explain(photos)
+    model, info = load_run(run_and_index["run"])
+    want = Looker(model, info)(photos).boxes
+    for e, w in zip(expls, want, strict=True):
+        assert_box(e.to_json()["box"])
+        np.testing.assert_allclose(e.box, w, atol=0.05)
 
 
 def test_cli_explain_writes_overlay_panel_json(run_and_index: dict[str, Path], tmp_path: Path) -> None:
@@ -90,6 +115,7 @@ def test_cli_explain_writes_overlay_panel_json(run_and_index: dict[str, Path], t
     assert runner["role"] == "runner-up" and runner["class_id"] == doc["runner_up"]["class_id"]
     d = [h["distance"] for h in top1["hits"]]
     assert d == sorted(d)
+    assert_box(doc["box"])
     ov = Image.open(out / "overlay.png")
     assert ov.size == Image.open(photo).size and ov.mode == "RGB"
     assert not np.array_equal(np.asarray(ov), np.asarray(open_rgb(photo)))  # the heat-map is on it

@@ -39,6 +39,11 @@ def test_explain_returns_overlay_and_grouped_evidence(app_and_url, serve_data: d
         assert head == "data:image/png;base64"
         img = Image.open(io.BytesIO(base64.b64decode(b64)))
         assert img.format == "PNG" and img.size == Image.open(io.BytesIO(data)).size
+        box = ex["box"]  # where the car is: the CAM box, as /api/classify gives it
+        assert isinstance(box, list) and len(box) == 4 and all(0.0 <= v <= 1.0 for v in box), box
+        assert box[0] < box[2] and box[1] < box[3], box
+        classify_box = c.post("/api/classify", files=upload(data)).json()["box"]
+        assert all(abs(a - b) <= 0.05 for a, b in zip(box, classify_box, strict=True)), (box, classify_box)
         top1, runner = ex["evidence"]
         assert (top1["role"], top1["class_id"], len(top1["hits"])) == ("top1", cls[0]["class_id"], 2)
         assert (runner["role"], runner["class_id"], len(runner["hits"])) == (

@@ -67,6 +67,7 @@ def predict_files(
     looker: Callable[[Any, Any], Callable[[list[Image.Image]], Any]] | None = None,
     index_dir: str | Path | None = None,
     gallery_weight: float | None = None,
+    gallery_temperature: float | None = None,
 ) -> list[dict[str, Any]]:
     """One answer dict per file, in order (see engine.answer); unreadable files get {"path", "error"}.
 
@@ -89,7 +90,13 @@ def predict_files(
     hier = Hierarchy.from_names(info.class_names) if has_clf else None
     tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
     look = looker(model, info) if looker is not None and has_clf else None
-    gallery = _gallery(run_dir, index_dir, model, info, device, gallery_weight) if index_dir else None
+    gallery = None
+    if index_dir is not None:
+        from carspotter.retrieval.open_classify import gallery_for_run
+
+        gallery = gallery_for_run(
+            run_dir, index_dir, model, info, device, gallery_weight, gallery_temperature
+        )
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
@@ -122,7 +129,7 @@ def predict_files(
                 answers = build_answers(None, oc.names, cal, k, probs=probs)
             for j, (i, a) in enumerate(zip(ok_idx, answers, strict=True)):
                 if looks is not None:
-                    a["box"] = [round(float(v), 4) for v in looks.boxes[j]]
+                    a["box"] = [round(float(v), 4) for v in looks.boxes[j]]  # normalised x1, y1, x2, y2
                     a["zoomed"] = bool(looks.zoomed[j]) if looks.zoomed is not None else False
                 slot[i] = {"path": str(chunk[i]), "error": None, **a}
         rows.extend(slot[i] for i in range(len(chunk)))
@@ -131,21 +138,22 @@ def predict_files(
     return rows
 
 
-def _gallery(
-    run_dir: str | Path, index_dir: str | Path, model: Any, info: Any, device: str, weight: float | None
-) -> tuple[Any, Callable[[list[Image.Image]], Any]]:
-    """(OpenClassifier over the run's ∪ the gallery's classes, photos → query vectors like the gallery's)."""
-    from carspotter.retrieval.index import GalleryIndex
-    from carspotter.retrieval.open_classify import DEFAULT_GALLERY_WEIGHT, OpenClassifier
-    from carspotter.retrieval.query import embed_queries, embedder_for_index
-
-    index = GalleryIndex.load(index_dir)
-    src = index.info.get("run_dir")
-    same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
-    emb_model = model if same else embedder_for_index(index, device)
-    w = DEFAULT_GALLERY_WEIGHT if weight is None else weight
-    oc = OpenClassifier(index, info.class_names if info.num_classes > 0 else None, w)
-    return oc, lambda images: embed_queries(index, emb_model, images, device)
+def top_lists(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`predict_files` rows in the short library form: [{"path", "top": [{"label", "class_name", "prob"}, …]}]
+    (+ "box" and "zoomed" where the rows have them); a photo that could not be read raises ImageError."""
+    out = []
+    for r in rows:
+        if r.get("error"):
+            raise ImageError(r["path"], r["error"])
+        short = {
+            "path": r["path"],
+            "top": [
+                {"label": t["class_id"], "class_name": t["class_name"], "prob": t["probability"]}
+                for t in r["predictions"]
+            ],
+        }
+        out.append(short | {k: r[k] for k in ("box", "zoomed") if k in r})
+    return out
 
 
 def answers_json(rows: list[dict[str, Any]]) -> str:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from carspotter.models import inference
-from carspotter.models.loading import load_run
 from carspotter.retrieval.metrics import classification_metrics
 from carspotter.rundir import (
     EvalResult,
@@ -135,27 +134,10 @@ def predict_images(
     run_dir: str | Path, paths: list[str | Path], k: int = 5, device: str = "cpu", tta: str | None = None
 ) -> list[dict[str, Any]]:
     """Top-k classes per image (calibrated): [{"path", "top": [{"label", "class_name", "prob"}, …]}], at the
-    run's precision and TTA (model.json; `tta` overrides), exactly as `evaluate` scores them."""
-    from carspotter.data.images import open_rgb
+    run's precision and TTA (model.json; `tta` overrides), exactly as `evaluate` scores them. The short form
+    of `predict` (engine.batch_predict.predict_files); an unreadable photo raises ImageError."""
+    from carspotter.engine.batch_predict import predict_files, top_lists
 
-    model, info = load_run(run_dir, device)
-    if info.num_classes <= 0:
+    if read_model_info(run_dir).num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    from carspotter.engine.calibration import load_calibration
-
-    tf = model.preprocess.transform()
-    cal = load_calibration(run_dir)
-    x = torch.stack([tf(open_rgb(Path(path))) for path in paths]).to(device)  # (N, 3, S, S)
-    tta = inference.normalize_tta(info.tta if tta is None else tta, where="--tta")
-    probs = cal.probs(inference.run_model(model, x, info.amp, tta).cpu())  # (N, C), calibrated
-    top = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [
-        {
-            "path": str(path),
-            "top": [
-                {"label": int(c), "class_name": info.class_names[int(c)], "prob": float(pr)}
-                for pr, c in zip(top.values[i], top.indices[i], strict=True)
-            ],
-        }
-        for i, path in enumerate(paths)
-    ]
+    return top_lists(predict_files(run_dir, [Path(p) for p in paths], k=k, device=device, tta=tta))

@@ -14,7 +14,9 @@ of the *photo* the user gave, not of the square the network saw (`view_window` m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,10 +76,22 @@ def activation_maps(model: CarModel, x: torch.Tensor, classes: torch.Tensor | No
         )
     with torch.no_grad():
         fm = model.feature_map(x)
-        if fm.ndim != 4:
-            raise ValueError(
-                f"{type(model.backbone).__name__} gives no spatial feature map (shape {tuple(fm.shape)})"
-            )
+    return maps_from_feature_map(model, fm, classes)
+
+
+def maps_from_feature_map(
+    model: CarModel, fm: torch.Tensor, classes: torch.Tensor | None = None
+) -> Activation:
+    """`activation_maps` from a feature map already computed (`model.feature_map(x)`): no backbone forward."""
+    if not isinstance(model.classifier, torch.nn.Linear):
+        raise ValueError(
+            "this model has no classifier (a metric-learning run): it has no class activation map"
+        )
+    if fm.ndim != 4:
+        raise ValueError(
+            f"{type(model.backbone).__name__} gives no spatial feature map (shape {tuple(fm.shape)})"
+        )
+    with torch.no_grad():
         pooled = model.pool_map(fm)
         logits = model.forward_head(pooled).float()
     cls = logits.argmax(dim=1) if classes is None else classes.to(logits.device)
@@ -150,6 +164,26 @@ def to_photo(box: Box, window: Box) -> Box:
     wx1, wy1, wx2, wy2 = window
     sx, sy = wx2 - wx1, wy2 - wy1
     return (wx1 + box[0] * sx, wy1 + box[1] * sy, wx1 + box[2] * sx, wy1 + box[3] * sy)
+
+
+def photo_boxes(
+    maps: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    preprocess: Any,
+    settings: BoxSettings | None = None,
+) -> np.ndarray:
+    """(N, h, w) raw maps over the network's view → (N, 4) boxes normalised to each photo of `sizes` (w, h).
+
+    `preprocess` is the run's eval transform (data.transforms.Preprocess: img_size, resize_side, crop_mode).
+    """
+    settings = settings or BoxSettings()
+    size = int(preprocess.img_size)
+    norm = normalise_maps(maps, size).cpu().numpy()
+    out = np.empty((len(sizes), 4), dtype=np.float64)
+    for i, (w, h) in enumerate(sizes):
+        b = box_from_map(norm[i], settings.threshold, settings.margin)
+        out[i] = to_photo(b, view_window(w, h, size, preprocess.resize_side, preprocess.crop_mode))
+    return out
 
 
 def iou(a: Box | np.ndarray, b: Box | np.ndarray) -> np.ndarray:

@@ -36,6 +36,9 @@ class PhotoExplanation:
     heat_photo: np.ndarray  # (h, w) over the photo, 0 outside the region the network saw
     overlay: Image.Image
     evidence: list[dict[str, Any]] | None = None  # explain.evidence.evidence(), None without an index
+    # where the car is: the CAM box of the explained class (explain/box.py), normalised x1, y1, x2, y2 of
+    # the photo; the box /api/classify and `predict` give for the same photo and class
+    box: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -49,6 +52,7 @@ class PhotoExplanation:
             "target_layer": self.layer,
             "heat_empty": bool(self.heat.max() <= 0),  # no positive evidence for the class at this layer
             "evidence": self.evidence,
+            "box": [round(float(v), 4) for v in self.box] if self.box is not None else None,
             **self.extra,
         }
 
@@ -125,10 +129,12 @@ class PhotoExplainer:
             return []
         x = torch.stack([self.transform(p) for p in photos]).to(self.device)  # (B, 3, S, S)
         with self.explainer.lock:
-            heat, logits, feats = self._explain(x, class_idx)
+            heat, logits, feats, fm = self._explain(x, class_idx)
             queries = None
             if self.index is not None and self.embed_model is not None:
                 queries = self._queries(photos, feats)  # (B, D)
+            classes = logits.argmax(dim=1) if class_idx is None else torch.as_tensor(class_idx)
+            boxes = self._boxes(photos, x, fm, logits, classes)
         probs = logits.float().softmax(dim=1).cpu()
         tp, ti = probs.topk(min(top, probs.shape[1]), dim=1)
         out = []
@@ -151,7 +157,15 @@ class PhotoExplainer:
                     group["class_name"] = self.class_names[group["class_id"]]
             out.append(
                 PhotoExplanation(
-                    ranked, cls, self.layer, self.explainer.method, heat[b], hp, overlay(photo, hp), ev
+                    ranked,
+                    cls,
+                    self.layer,
+                    self.explainer.method,
+                    heat[b],
+                    hp,
+                    overlay(photo, hp),
+                    ev,
+                    box=tuple(float(v) for v in boxes[b]),  # type: ignore[arg-type]
                 )
             )
         return out
@@ -167,21 +181,57 @@ class PhotoExplainer:
 
     def _explain(
         self, x: torch.Tensor, class_idx: list[int] | None
-    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
-        """Heat-maps, logits and (when the index can use them) the pooled backbone features of that pass."""
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Heat-maps, logits, (when the index can use them) the pooled backbone features of that pass, and
+        the target layer's output (the feature map the CAM box is made from, when it is the last one)."""
         from carspotter.explain.cam import explain_batch
 
         ex = self.explainer  # the lock is held by the caller
         grabbed: list[torch.Tensor] = []
-        hook = None
+        layer_out: list[torch.Tensor] = []
+        hooks = [  # registered before explain_batch's own hook: sees the layer's output as computed
+            ex.model.get_submodule(ex.layer).register_forward_hook(
+                lambda _m, _i, out: layer_out.append(out.detach()) if isinstance(out, torch.Tensor) else None
+            )
+        ]
         if self._shares_pass():
-            hook = ex.model.backbone.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach()))
+            hooks.append(
+                ex.model.backbone.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach()))
+            )
         try:
             heat, logits = explain_batch(ex.model, x, class_idx, ex.method, ex.layer)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
-        return heat, logits, (grabbed[0] if grabbed else None)
+        return heat, logits, (grabbed[0] if grabbed else None), (layer_out[0] if layer_out else None)
+
+    def _boxes(
+        self,
+        photos: list[Image.Image],
+        x: torch.Tensor,
+        fm: torch.Tensor | None,
+        logits: torch.Tensor,
+        classes: torch.Tensor,
+    ) -> np.ndarray:
+        """(B, 4) CAM boxes of `classes`, normalised to each photo (explain/box.py). When the explained layer
+        is the backbone's last feature map (EfficientNet bn2, ResNet layer4, …: its pooled head gives the
+        same logits) the box reuses that pass; otherwise it costs one more forward."""
+        from carspotter.explain.box import activation_maps, maps_from_feature_map, photo_boxes
+
+        model = self.explainer.model
+        act = None
+        if fm is not None and fm.ndim == 4:
+            try:
+                act = maps_from_feature_map(model, fm, classes)
+            except (ValueError, RuntimeError):  # not a map the head takes
+                act = None
+            if act is not None and not torch.allclose(
+                act.logits.float().cpu(), logits.float().cpu(), rtol=1e-3, atol=1e-3
+            ):
+                act = None  # the explained layer is not the last feature map
+        if act is None:
+            act = activation_maps(model, x, classes)
+        return photo_boxes(act.maps, [p.size for p in photos], self.pre)
 
     def _queries(self, photos: list[Image.Image], feats: torch.Tensor | None) -> np.ndarray:
         from carspotter.retrieval.query import embed_queries

@@ -31,10 +31,7 @@ from carspotter.explain.box import (
     BoxSettings,
     activation_maps,
     box_area,
-    box_from_map,
-    normalise_maps,
-    to_photo,
-    view_window,
+    photo_boxes,
 )
 from carspotter.models.factory import CarModel
 
@@ -137,14 +134,7 @@ class Looker:
 
     def boxes_for(self, images: Sequence[Image.Image], maps: torch.Tensor) -> np.ndarray:
         """(N, h, w) raw maps of the network's view → (N, 4) boxes normalised to each photo."""
-        norm = normalise_maps(maps, self.img_size).cpu().numpy()
-        out = np.empty((len(images), 4), dtype=np.float64)
-        for i, im in enumerate(images):
-            b = box_from_map(norm[i], self.box.threshold, self.box.margin)
-            pre = self.preprocess
-            win = view_window(im.width, im.height, self.img_size, pre.resize_side, pre.crop_mode)
-            out[i] = to_photo(b, win)
-        return out
+        return photo_boxes(maps, [im.size for im in images], self.preprocess, self.box)
 
     def __call__(self, images: Sequence[Image.Image]) -> Looks:
         t0 = time.perf_counter()
@@ -179,18 +169,6 @@ class Looker:
         return looks
 
 
-def top_k(logits: torch.Tensor, class_names: list[str], k: int) -> list[list[dict[str, Any]]]:
-    probs = logits.float().softmax(dim=1)
-    top = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [
-        [
-            {"label": int(c), "class_name": class_names[int(c)], "prob": float(p)}
-            for p, c in zip(top.values[i], top.indices[i], strict=True)
-        ]
-        for i in range(probs.shape[0])
-    ]
-
-
 def rounded(box: Sequence[float]) -> list[float]:
     return [round(float(v), 4) for v in box]
 
@@ -203,26 +181,20 @@ def predict_with_box(
     box: BoxSettings | None = None,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Top-k per photo, with where the car is: [{"path", "top", "box": [x1, y1, x2, y2], "zoomed"}]."""
-    from carspotter.data.images import open_rgb
-    from carspotter.models.loading import load_run
-    from carspotter.rundir import RunError
+    """Top-k per photo (calibrated), with where the car is: [{"path", "top", "box": [x1, y1, x2, y2], "zoomed"}].
 
-    model, info = load_run(run_dir, device)
-    if info.num_classes <= 0:
+    The short form of `predict --zoom` (engine.batch_predict.predict_files with a Looker), one look at full
+    precision, no test-time augmentation."""
+    from functools import partial
+
+    from carspotter.engine.batch_predict import predict_files, top_lists
+    from carspotter.rundir import RunError, read_model_info
+
+    if read_model_info(run_dir).num_classes <= 0:
         raise RunError(f"{run_dir}: a metric-learning run has no classifier; use `carspotter search` instead")
-    images = [open_rgb(Path(p)) for p in paths]
-    looks = Looker(model, info, box, zoom, device)(images)
-    tops = top_k(looks.logits, info.class_names, k)
-    return [
-        {
-            "path": str(p),
-            "top": tops[i],
-            "box": rounded(looks.boxes[i]),
-            "zoomed": bool(looks.zoomed[i]) if looks.zoomed is not None else False,
-        }
-        for i, p in enumerate(paths)
-    ]
+    looker = partial(Looker, box=box, zoom=zoom, device=device)
+    rows = predict_files(run_dir, [Path(p) for p in paths], k=k, device=device, tta="none", looker=looker)
+    return top_lists(rows)
 
 
 def mcnemar(first_ok: np.ndarray, second_ok: np.ndarray) -> dict[str, float]:
@@ -261,6 +233,41 @@ def zoom_comparison(labels: np.ndarray, first: torch.Tensor, final: torch.Tensor
     }
 
 
+def load_for_split(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    device: str = "cpu",
+    crop_bbox: bool | None = None,
+    check_classes: bool = True,
+) -> tuple[CarModel, Any, Any, Any]:
+    """(model, model info, PreparedDataset split, run config or None): a classification run and the photos
+    to score it on, checked to share its classes. `data_dir` defaults to the run's own data, `crop_bbox` to
+    its own setting (localisation passes False: it needs the whole photos its boxes refer to; and it scores
+    boxes, not classes, so it may skip `check_classes`)."""
+    from carspotter.data.dataset import PreparedDataset
+    from carspotter.models.loading import load_run
+    from carspotter.rundir import CONFIG, RunError, read_run_config
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir) if (run_dir / CONFIG).is_file() else None
+    if data_dir is None:
+        if cfg is None:
+            raise RunError(f"{run_dir}: no {CONFIG} to say which data it was trained on; pass the data")
+        data_dir = cfg.data.root
+    model, info = load_run(run_dir, device)
+    if info.num_classes <= 0:
+        raise RunError(f"{run_dir}: a metric-learning run has no classifier: no CAM box, no second look")
+    if crop_bbox is None:
+        crop_bbox = bool(cfg.data.crop_bbox) if cfg is not None else False
+    ds = PreparedDataset(Path(data_dir), split, crop_bbox=crop_bbox)
+    if check_classes and ds.class_names != info.class_names:
+        raise RunError(
+            f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
+        )
+    return model, info, ds, cfg
+
+
 def evaluate_zoom(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -277,38 +284,28 @@ def evaluate_zoom(
     the one-look result files are kept. One pass gives both looks of every photo: the gain is a paired
     comparison on the same run, and the one-look figures equal `evaluate`'s (same transform, same weights).
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.engine.evaluate import _predictions_csv, autocast_dtype
-    from carspotter.models.loading import load_run
     from carspotter.retrieval.metrics import classification_metrics
     from carspotter.rundir import (
         EvalResult,
         RunError,
         data_tag,
-        read_run_config,
         zoom_metrics_name,
         zoom_predictions_name,
     )
     from carspotter.utils import resolve_device
 
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
     dev = torch.device(resolve_device(device))
-    model, info = load_run(run_dir, str(dev))
-    if info.num_classes <= 0:
-        raise RunError(f"{run_dir}: a metric-learning run has no classifier to zoom with")
-    data_dir = Path(data_dir or cfg.data.root)
-    tag = data_tag(data_dir, cfg.data.root)
-    ds = PreparedDataset(data_dir, split, crop_bbox=cfg.data.crop_bbox)
-    if ds.class_names != info.class_names:
-        raise RunError(
-            f"{data_dir}: its classes differ from the {len(info.class_names)} the run {run_dir} was trained on"
-        )
+    model, info, ds, cfg = load_for_split(run_dir, data_dir, split, str(dev))
+    data_dir = ds.root
+    tag = data_tag(data_dir, cfg.data.root if cfg is not None else None)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise RunError(f"{data_dir}: split {split!r} has no images")
     zoom = zoom or ZoomSettings()
-    looker = Looker(model, info, box, zoom, dev, autocast_dtype(cfg.train.amp, dev))
+    amp = cfg.train.amp if cfg is not None else False
+    looker = Looker(model, info, box, zoom, dev, autocast_dtype(amp, dev))
     firsts, finals, seconds, boxes, zoomed = [], [], [], [], []
     t_first = t_second = 0.0
     for s in range(0, n, batch_size):
@@ -389,13 +386,12 @@ def localisation(
     """Mean IoU and CorLoc (IoU ≥ 0.5) of the CAM box against the manifest's true boxes, and of two
     baselines: the centred box (`centre_share` of each side) and the whole photo. Photos without a box are skipped.
     """
-    from carspotter.data.dataset import PreparedDataset
     from carspotter.explain.box import WHOLE, centre_box, corloc, iou
-    from carspotter.models.loading import load_run
     from carspotter.rundir import RunError
 
-    model, info = load_run(run_dir, device)
-    ds = PreparedDataset(data_dir, split)
+    model, info, ds, _ = load_for_split(
+        run_dir, data_dir, split, device, crop_bbox=False, check_classes=False
+    )
     idx = [i for i, r in enumerate(ds.records) if r.bbox is not None]
     if not idx:
         raise RunError(f"{data_dir}: no photo of split {split!r} has a box (x1,y1,x2,y2 in manifest.csv)")

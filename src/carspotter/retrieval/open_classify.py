@@ -8,6 +8,7 @@ without a classifier (metric learning) answers from the gallery alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,33 @@ class OpenClassifier:
         return p
 
 
+def gallery_for_run(
+    run_dir: str | Path,
+    index_dir: str | Path,
+    model: torch.nn.Module,
+    info: Any,  # rundir.ModelInfo of run_dir
+    device: str = "cpu",
+    gallery_weight: float | None = None,
+    temperature: float | None = None,
+) -> tuple[OpenClassifier, Callable[[list[Any]], np.ndarray]]:
+    """(OpenClassifier over the run's ∪ the gallery's classes, photos → query vectors like the gallery's).
+
+    A gallery built from this very run embeds with the loaded `model`; any other with its own embedder."""
+    from carspotter.retrieval.query import embed_queries, embedder_for_index
+
+    index = GalleryIndex.load(index_dir)
+    src = index.info.get("run_dir")
+    same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
+    emb_model = model if same else embedder_for_index(index, device)
+    oc = OpenClassifier(
+        index,
+        info.class_names if info.num_classes > 0 else None,
+        DEFAULT_GALLERY_WEIGHT if gallery_weight is None else gallery_weight,
+        DEFAULT_TEMPERATURE if temperature is None else temperature,
+    )
+    return oc, lambda images: embed_queries(index, emb_model, images, device)
+
+
 def predict_with_index(
     run_dir: str | Path,
     index_dir: str | Path,
@@ -81,34 +109,19 @@ def predict_with_index(
 ) -> list[dict[str, Any]]:
     """Top-k over trained + gallery (incl. enrolled) classes: [{"path", "top": [{label, class_name, prob}]}].
 
-    `label` is the position in the union (the run's classes first, then the gallery's other classes).
+    `label` is the position in the union (the run's classes first, then the gallery's other classes). The
+    short form of `predict RUN --index` (engine.batch_predict.predict_files): the classifier runs at the
+    run's precision and test-time augmentation.
     """
-    from carspotter.data.images import open_rgb
-    from carspotter.models.loading import load_run
-    from carspotter.retrieval.query import embed_queries, embedder_for_index
+    from carspotter.engine.batch_predict import predict_files, top_lists
 
-    model, info = load_run(run_dir, device)
-    index = GalleryIndex.load(index_dir)
-    src = index.info.get("run_dir")
-    same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
-    emb_model = model if same else embedder_for_index(index, device)
-    has_clf = info.num_classes > 0
-    oc = OpenClassifier(index, info.class_names if has_clf else None, gallery_weight, temperature)
-    images = [open_rgb(Path(p)) for p in paths]
-    clf = None
-    if has_clf:
-        tf = model.preprocess.transform()
-        x = torch.stack([tf(im) for im in images]).to(device)
-        with torch.inference_mode():
-            clf = model(x).float().softmax(dim=1).cpu().numpy()
-    probs = oc.probs(clf, embed_queries(index, emb_model, images, device))
-    out = []
-    for path, row in zip(paths, probs, strict=True):
-        top = np.argsort(-row, kind="stable")[: min(k, len(row))]
-        out.append(
-            {
-                "path": str(path),
-                "top": [{"label": int(c), "class_name": oc.names[c], "prob": float(row[c])} for c in top],
-            }
-        )
-    return out
+    rows = predict_files(
+        run_dir,
+        [Path(p) for p in paths],
+        k=k,
+        device=device,
+        index_dir=index_dir,
+        gallery_weight=gallery_weight,
+        gallery_temperature=temperature,
+    )
+    return top_lists(rows)

@@ -83,6 +83,7 @@ class ExplainService:
                     "method": doc["method"],
                     "target_layer": doc["target_layer"],
                     "heat_empty": doc["heat_empty"],
+                    "box": doc["box"],  # CAM box of the explained class, normalised x1, y1, x2, y2
                     "overlay": data_url(e.overlay),
                     "overlay_size": list(e.overlay.size),
                     "evidence": groups if doc["evidence"] is not None else None,
