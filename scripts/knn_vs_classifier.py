@@ -110,6 +110,17 @@ def main() -> int:
         ("--embed-source logits", {"src": "logits"}),
         ("--tta flip", {"tta": "flip"}),
     ]
+    variants += [
+        ("cosine --tta flip", {"metric": "cosine", "tta": "flip"}),
+        (
+            "k=10 cosine distance train+val (no flip)",
+            {"k": 10, "metric": "cosine", "weighting": "distance", "gsplit": "train+val"},
+        ),
+        (
+            "k=10 cosine distance train flip",
+            {"k": 10, "metric": "cosine", "weighting": "distance", "tta": "flip"},
+        ),
+    ]
     for k in (1, 3, 5, 10):
         variants.append(
             (
