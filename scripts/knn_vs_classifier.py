@@ -150,6 +150,30 @@ def main() -> int:
         print(f"{name:<45} {100 * acc:6.2f} %", flush=True)
     res["variants"] = rows
 
+    # the best grid setting against the classifier, paired on the same photos, at matched TTA
+    from scipy.stats import binomtest
+
+    from carspotter.retrieval.search import knn_classify
+
+    paired = {}
+    for tta in ("none", "flip"):
+        clf = cal.mask(torch.from_numpy(e[f"test_logits_{tta}"])).argmax(1).numpy() == yq
+        g, yg = gallery("train+val", "features", tta)
+        kn = knn_classify(g, yg, e[f"test_features_{tta}"], 10, "cosine", "distance", c)[0] == yq
+        b, n = int((clf & ~kn).sum()), int((~clf & kn).sum())
+        idx = np.random.default_rng(0).integers(0, len(yq), (2000, len(yq)))
+        diff = 100 * (kn[idx].mean(1) - clf[idx].mean(1))
+        paired[tta] = {
+            "classifier": float(clf.mean()),
+            "knn_k10_cosine_distance_trainval": float(kn.mean()),
+            "classifier_only": b,
+            "knn_only": n,
+            "mcnemar_p": float(binomtest(min(b, n), b + n, 0.5).pvalue),
+            "diff_ci95_pt": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+        }
+        print(f"paired, tta {tta}: {paired[tta]}", flush=True)
+    res["paired"] = paired
+
     curve = {}
     for metric in ("euclidean", "cosine"):
         for k in (1, 2, 3, 5, 7, 10, 15, 20, 30):
