@@ -1,8 +1,11 @@
 """Open-set scores compared on real data: max calibrated probability, energy, and kNN distance to the gallery.
 
-The kNN score is the cosine distance from a photo's pooled backbone feature to its nearest training photo
-(lower = more like a known class); msp and energy come from the run's calibrated logits. Known photos are
-the evaluation set's photos of classes the run was trained on, unknown ones the rest (as `evaluate` does).
+The kNN scores are the cosine similarity / negative euclidean distance from a photo's pooled backbone feature
+to its nearest training photo (higher = more like a known class); msp and energy come from the run's
+calibrated logits. Known photos are the evaluation set's photos of classes the run was trained on, unknown
+ones the rest (as `evaluate` does). `--split` may join splits with "+": for a run trained on the retrieval
+protocol's classes 1–98, `--data cars-small-retrieval --split val+test` = its held-out known photos (val)
++ the unseen classes 99–196 (test), with no combined manifest to prepare.
 
     python scripts/openset_knn.py RUN --gallery TRAIN_PREPARED --data EVAL_PREPARED [--split test] [--json out.json]
 """
@@ -28,7 +31,7 @@ def main() -> int:
     import faiss
     import torch
 
-    from carspotter.data.dataset import PreparedDataset
+    from carspotter.data.dataset import splits_dataset
     from carspotter.engine.calibration import load_calibration
     from carspotter.engine.predict_logits import class_mapping
     from carspotter.engine.trust import open_set_metrics
@@ -38,8 +41,8 @@ def main() -> int:
     model, info = load_run(args.run)
     cal = load_calibration(args.run)
     tf = model.preprocess.transform()
-    gal = PreparedDataset(args.gallery, "train", transform=tf)
-    ev = PreparedDataset(args.data, args.split, transform=tf)
+    gal = splits_dataset(args.gallery, "train", tf)
+    ev = splits_dataset(args.data, args.split, tf)
     g = embed_dataset(model, gal, source="features")
     q = embed_dataset(model, ev, source="features")
     with torch.inference_mode():
@@ -53,10 +56,14 @@ def main() -> int:
     index = faiss.IndexFlatIP(gn.shape[1])
     index.add(np.ascontiguousarray(gn, dtype=np.float32))
     sim, _ = index.search(np.ascontiguousarray(qn, dtype=np.float32), 1)
+    l2 = faiss.IndexFlatL2(g.shape[1])
+    l2.add(np.ascontiguousarray(g, dtype=np.float32))
+    d2, _ = l2.search(np.ascontiguousarray(q, dtype=np.float32), 1)
     scores = {
         "msp": cal.scores(logits, "msp").numpy(),
         "energy": cal.scores(logits, "energy").numpy(),
         "knn_cosine": sim[:, 0],  # similarity to the nearest training photo: higher = known
+        "knn_euclidean": -np.sqrt(np.maximum(d2[:, 0], 0)),  # minus the L2 distance to it
     }
     out: dict[str, object] = {
         "run": str(args.run),

@@ -258,3 +258,7 @@ def test_retrieval_protocol_run_masks_its_untrained_classes(tmp_path: Path) -> N
     m = evaluate_run(tmp_path / "run", data, split="test", device="cpu")
     assert m["n_unknown"] == 16 and m["n_known"] == 8 and m["unknown_classes"] == ["Class 4", "Class 5"]
     assert 0 <= m["open_set_auroc"] <= 1
+    # splits joined by "+": val (known photos the run never trained on) + test, with no combined manifest
+    j = evaluate_run(tmp_path / "run", data, split="val+test", device="cpu")
+    assert j["n_known"] == 8 + 8 and j["n_unknown"] == 16 and j["n_images"] == 32
+    assert [p.name for p in j.save()] == ["metrics_val-test.json", "predictions_val-test.csv"]

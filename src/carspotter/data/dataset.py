@@ -66,11 +66,14 @@ class PreparedDataset(Dataset):
         return x, self.records[i].label
 
 
-def splits_dataset(data_dir: str | Path, split: str, transform: Any) -> PreparedDataset:
+def splits_dataset(
+    data_dir: str | Path, split: str, transform: Any, crop_bbox: bool = False
+) -> PreparedDataset:
     """A PreparedDataset over one split, "all", or several joined by "+" (e.g. the whole labelled
-    "train+val" as a kNN gallery: a kNN classifier has nothing to select on val)."""
+    "train+val" as a kNN gallery: a kNN classifier has nothing to select on val; or "val+test" of a
+    retrieval-protocol dataset as known + unknown photos for an open-set figure)."""
     parts = split.split("+")
-    ds = PreparedDataset(data_dir, "all" if len(parts) > 1 else split, transform)
+    ds = PreparedDataset(data_dir, "all" if len(parts) > 1 else split, transform, crop_bbox)
     if len(parts) > 1:
         ds.records = [r for r in ds.records if r.split in parts]
         ds.split = split

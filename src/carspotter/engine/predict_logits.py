@@ -59,16 +59,15 @@ def split_logits(
 ) -> SplitOutputs:
     """The run's outputs (logits, or embeddings when `embed`/a metric run) for every photo of `split`, at the
     run's precision and test-time augmentation (model.json; `tta` overrides it), as predict and serve run."""
-    from carspotter.data.dataset import PreparedDataset
+    from carspotter.data.dataset import splits_dataset
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     dev = torch.device(resolve_device(device))
     model, info = load_run(run_dir, str(dev))
     data_dir = Path(data_dir or cfg.data.root)
-    ds = PreparedDataset(
-        data_dir, split, transform=model.preprocess.transform(), crop_bbox=cfg.data.crop_bbox
-    )
+    # one split, or several joined by "+" (val+test of a retrieval-protocol dataset: known + unknown photos)
+    ds = splits_dataset(data_dir, split, model.preprocess.transform(), crop_bbox=cfg.data.crop_bbox)
     ds.one_thread_transforms = cfg.data.num_workers == 0
     metric_task = cfg.task == "metric" if embed is None else embed
     if metric_task:  # retrieval metrics compare labels among themselves: names need not match the run's
