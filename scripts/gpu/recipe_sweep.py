@@ -78,9 +78,11 @@ RECIPES: dict[str, Recipe] = {
     "strong+rrc+mix": Recipe(STRONG, extra=RRC + MIX, evals=[TTA]),
     "strong+rrc+prog": Recipe(STRONG, 160, RRC + PROG, PROG_SIZES, evals=[TTA]),
     "strong+rrc+prog+llrd": Recipe(STRONG, 160, RRC + PROG + LLRD, PROG_SIZES, evals=[TTA, ZOOM]),
-    "strong+rrc+bs16": Recipe(STRONG, extra=RRC + ["--batch-size", "16"], evals=[TTA]),
-    "strong+rrc+warmup1": Recipe(STRONG, extra=RRC + ["--set", "schedule.warmup_epochs=1"], evals=[TTA]),
-    "strong+rrc+head3x": Recipe(STRONG, extra=RRC + ["--lr", "0.003", "--set", "model.backbone_lr_mult=0.333"], evals=[TTA]),
+    "strong+rrc+bs16": Recipe(STRONG, extra=[*RRC, "--batch-size", "16"], evals=[TTA]),
+    "strong+rrc+warmup1": Recipe(STRONG, extra=[*RRC, "--set", "schedule.warmup_epochs=1"], evals=[TTA]),
+    "strong+rrc+head3x": Recipe(
+        STRONG, extra=[*RRC, "--lr", "0.003", "--set", "model.backbone_lr_mult=0.333"], evals=[TTA]
+    ),
     "s1": Recipe("seed-s1-cnn-basic", 64, SCRATCH, epochs=40, lite0=False),
     "s2": Recipe("seed-s2-cnn-bn-dropout", 64, SCRATCH, epochs=40, lite0=False),
     "s3": Recipe("seed-s3-cnn-aug", 64, SCRATCH, epochs=40, lite0=False),
