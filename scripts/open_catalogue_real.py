@@ -6,7 +6,7 @@ those 10 classes over the union (98 + 10 classes) — the answer `predict --inde
         --work /tmp/open-catalogue --out open_catalogue.json
 
 Uses the library's own paths: build_index_from_run, catalogue.enrol (photo files, copied + resized),
-retrieval.open_classify.predict_with_index. Also reports 1-NN over the same gallery for comparison.
+engine.batch_predict.predict_with_index. Also reports 1-NN over the same gallery for comparison.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from carspotter.data.manifest import read_manifest
+    from carspotter.engine.batch_predict import predict_with_index
     from carspotter.retrieval.build import build_index_from_run
     from carspotter.retrieval.catalogue import enrol, photos_from_paths
     from carspotter.retrieval.index import GalleryIndex
-    from carspotter.retrieval.open_classify import predict_with_index
 
     work, data = Path(args.work), Path(args.data)
     if work.exists():

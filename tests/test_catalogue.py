@@ -251,7 +251,7 @@ def test_kill_9_mid_enrolment_leaves_the_previous_index(tiny, tmp_path: Path) ->
 
 
 def test_open_classification_names_enrolled_classes(tiny, tmp_path: Path) -> None:
-    from carspotter.retrieval.open_classify import predict_with_index
+    from carspotter.engine.batch_predict import predict_with_index
 
     four = make_tiny_prepared(tmp_path / "four", n_classes=4, per_class=8)  # classes 0-3 of `tiny`, as is
     idx_dir = build({**tiny, "data": four}, tmp_path / "idx")

@@ -195,3 +195,30 @@ def answers_csv(rows: list[dict[str, Any]]) -> str:
             ]
         )
     return buf.getvalue()
+
+
+def predict_with_index(
+    run_dir: str | Path,
+    index_dir: str | Path,
+    paths: list[str | Path],
+    k: int = 5,
+    device: str = "cpu",
+    gallery_weight: float | None = None,
+    temperature: float | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k over trained + gallery (incl. enrolled) classes: [{"path", "top": [{label, class_name, prob}]}].
+
+    `label` is the position in the union (the run's classes first, then the gallery's other classes). The
+    short form of `predict RUN --index` (engine.batch_predict.predict_files): the classifier runs at the
+    run's precision and test-time augmentation.
+    """
+    rows = predict_files(
+        run_dir,
+        [Path(p) for p in paths],
+        k=k,
+        device=device,
+        index_dir=index_dir,
+        gallery_weight=gallery_weight,
+        gallery_temperature=temperature,
+    )
+    return top_lists(rows)
