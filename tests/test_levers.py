@@ -110,3 +110,11 @@ def test_evaluate_with_another_tta_keeps_the_runs_own_result(tiny_prepared, tmp_
     assert r.exit_code == 0, r.output
     flip = json.loads((run / "metrics_test_tta-flip.json").read_text())
     assert flip["tta"] == "flip" and json.loads((run / "metrics_test.json").read_text()) == plain
+
+
+def test_mixing_a_frozen_backbone_mixes_photos_not_cached_features(tiny_prepared, tmp_path):
+    # photo mixing is augmentation: the pooled features are no longer fixed, so they must not be cached
+    cfg = tiny_cfg(epochs=1, **{"model.freeze": "backbone", "train.cutmix_alpha": 1.0})
+    assert not train_mod.can_cache_features(cfg, train_mod.DistInfo())
+    fit(cfg, tiny_prepared, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.safetensors").is_file()

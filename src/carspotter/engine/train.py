@@ -323,11 +323,12 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]
 
 def can_cache_features(cfg: ExperimentConfig, dist: DistInfo) -> bool:
     """Frozen backbone, no augmentation, nothing unfreezes: backbone outputs never change, so compute them
-    once and train the head on them (same updates, a fraction of the time)."""
-    a = cfg.data.aug
+    once and train the head on them (same updates, a fraction of the time). Mixup/CutMix mix photos, so they
+    count as augmentation."""
+    a, t = cfg.data.aug, cfg.train
     augmented = (
         a.random_crop or a.random_resized_crop or a.hflip or a.rotation or a.color_jitter or a.random_erasing
-    )
+    ) or bool(t.mixup_alpha or t.cutmix_alpha)
     return (
         cfg.model.freeze == "backbone"
         and not cfg.model.unfreeze_schedule
@@ -657,6 +658,16 @@ def build_loaders(
         sampler = train_sampler(len(train_ds), seed, base=build_sampler(train_ds.labels, cfg))
     else:
         sampler = train_sampler(len(train_ds), seed, dist.rank, dist.world_size)
+
+    def train_at(
+        size: int,
+    ) -> Any:  # the training loader at a size (data.progressive: the same photos and order)
+        scaled = cfg.data.resize_size and round(cfg.data.resize_size * size / cfg.data.img_size)
+        tf = dataclasses.replace(pre, img_size=size, resize_size=scaled or None).train_transform(cfg.data.aug)
+        ds = PreparedDataset(data_dir, cfg.data.train_split, tf, cfg.data.crop_bbox, records=records)
+        ds.one_thread_transforms = nw == 0
+        return make_loader(SeededItems(ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=drop_last)
+
     val_sampler = eval_sampler(len(val_ds), dist.rank, dist.world_size)
     cache = can_cache_features(cfg, dist)
     if cache:
@@ -674,9 +685,7 @@ def build_loaders(
         train_loader = make_loader(train_items, sampler, bs, 0, seed, drop_last=metric_task)
         val_loader = make_loader(val_items, val_sampler, bs, 0, seed) if val_items is not None else None
     else:
-        train_loader = make_loader(
-            SeededItems(train_ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=drop_last
-        )
+        train_loader = train_at(cfg.data.img_size)
         val_loader = (
             make_loader(SeededItems(val_ds, seed, False), val_sampler, bs, nw, seed, pin_memory=pin)
             if len(val_ds)
@@ -704,13 +713,6 @@ def build_loaders(
         warn(
             "warning: data.progressive is ignored: a frozen backbone trains its head on features computed once"
         )
-
-    def train_at(size: int) -> Any:  # progressive resizing: the same photos and order at a new size
-        scaled = cfg.data.resize_size and round(cfg.data.resize_size * size / cfg.data.img_size)
-        tf = dataclasses.replace(pre, img_size=size, resize_size=scaled or None).train_transform(cfg.data.aug)
-        ds = PreparedDataset(data_dir, cfg.data.train_split, tf, cfg.data.crop_bbox, records=records)
-        ds.one_thread_transforms = nw == 0
-        return make_loader(SeededItems(ds, seed), sampler, bs, nw, seed, pin_memory=pin, drop_last=drop_last)
 
     if len(train_loader) == 0:
         raise ValueError(f"{data_dir}: too few training images for one batch of {bs}")
