@@ -256,13 +256,18 @@ def read_model_info(run_dir: str | Path) -> ModelInfo:
         raise RunError(
             f"{run_dir}: not a carspotter run directory (no {MODEL_JSON}); train one with `carspotter train`"
         )
+    return ModelInfo.from_json(_read_json_object(p), str(p))
+
+
+def _read_json_object(p: Path) -> dict[str, Any]:
+    """A run/index JSON file as a dict, or a RunError naming the file and what is wrong with it."""
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{p}: malformed ({e})") from None
     if not isinstance(d, dict):
         raise RunError(f"{p}: expected a JSON object")
-    return ModelInfo.from_json(d, str(p))
+    return d
 
 
 def read_run_config(run_dir: str | Path) -> ExperimentConfig:
@@ -280,12 +285,7 @@ def write_index_json(index_dir: str | Path, info: dict[str, Any]) -> None:
 def read_index_json(index_dir: str | Path) -> dict[str, Any]:
     """index.json with its preprocessing completed (an older index reads as the bilinear transform it used)."""
     p = Path(index_dir) / INDEX_JSON
-    try:
-        info = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{p}: malformed ({e})") from None
-    if not isinstance(info, dict):
-        raise RunError(f"{p}: expected a JSON object")
+    info = _read_json_object(p)
     if isinstance(info.get("preprocess"), dict):
         info["preprocess"] = complete_preprocess(info["preprocess"], info)
     for dead in ("resize_size", "crop_mode"):  # now inside preprocess
