@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -36,6 +37,26 @@ from conftest import make_tiny_prepared
 
 N_CLASSES = 6
 CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def chromium_page(url: str) -> Iterator[tuple[Any, list[str]]]:
+    """The served page in headless Chromium, loaded and ready; the list collects the page's uncaught errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready='1']")
+            yield page, errors
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------- fixtures: tiny run, index, real servers
@@ -596,45 +617,28 @@ def test_cli_serve_starts_and_answers(serve_data: dict[str, Path]) -> None:
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not installed at {CHROMIUM}")
 def test_page_in_headless_chromium(base_url: str, serve_data: dict[str, Path], tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"]  # fmt: skip
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(base_url + "/")
-            page.wait_for_selector("body[data-ready='1']")
-            page.fill("#k", "6")
-            page.set_input_files("#file", str(serve_data["data"] / "images" / "c3_001.jpg"))
-            page.wait_for_selector("body[data-result='ok']", timeout=30000)
-            rows = page.locator("#top5 .row")
-            assert rows.count() == 5
-            assert page.locator("#lookalikes .card").count() == 6
-            top1 = rows.first.get_attribute("data-class-id")
-            names = page.locator("#lookalikes .card .cls").all_text_contents()
-            n_ticks = page.locator("#lookalikes .card .match").count()
-            assert n_ticks == sum(n == f"Class {top1}" for n in names)
-            imgs = page.locator(
-                "#lookalikes img"
-            )  # thumbnails really load (polled here: the CSP forbids eval)
-            deadline = time.time() + 20
-            while not imgs.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)"):
-                assert time.time() < deadline, "gallery thumbnails did not load"
-                time.sleep(0.05)
-            page.set_input_files(
-                "#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"not a photo"}
-            )
-            page.wait_for_selector("body[data-result='error']")
-            assert "not an image" in page.locator("#error").inner_text()
-            shot = tmp_path / "serve.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 5000 and errors == []
-        finally:
-            browser.close()
+    with chromium_page(base_url) as (page, errors):
+        page.fill("#k", "6")
+        page.set_input_files("#file", str(serve_data["data"] / "images" / "c3_001.jpg"))
+        page.wait_for_selector("body[data-result='ok']", timeout=30000)
+        rows = page.locator("#top5 .row")
+        assert rows.count() == 5
+        assert page.locator("#lookalikes .card").count() == 6
+        top1 = rows.first.get_attribute("data-class-id")
+        names = page.locator("#lookalikes .card .cls").all_text_contents()
+        n_ticks = page.locator("#lookalikes .card .match").count()
+        assert n_ticks == sum(n == f"Class {top1}" for n in names)
+        imgs = page.locator("#lookalikes img")  # thumbnails really load (polled here: the CSP forbids eval)
+        deadline = time.time() + 20
+        while not imgs.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)"):
+            assert time.time() < deadline, "gallery thumbnails did not load"
+            time.sleep(0.05)
+        page.set_input_files("#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"not a photo"})
+        page.wait_for_selector("body[data-result='error']")
+        assert "not an image" in page.locator("#error").inner_text()
+        shot = tmp_path / "serve.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 5000 and errors == []
 
 
 # ---------------------------------------------------------------- where the car is, and the second look
@@ -660,23 +664,14 @@ def _car_photo(path: Path) -> Path:
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not installed at {CHROMIUM}")
 def test_page_draws_the_box_and_the_zoomed_crop(serve_data: dict[str, Path], tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     from carspotter.explain.zoom import ZoomSettings
 
     car = _car_photo(tmp_path / "car.jpg")
     app = create_app(serve_data["run"], None, zoom=ZoomSettings("mean"))
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with running(app) as url, sync_playwright() as pw:
+    with running(app) as url:
         api = httpx.post(url + "/api/classify", files=upload(car.read_bytes()), timeout=60).json()
         assert _box_ok(api["box"]) and _box_ok(api["zoom"]["crop"]) and api["zoom"]["used"] is True
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.wait_for_selector("body[data-ready='1']")
+        with chromium_page(url) as (page, errors):
             page.set_input_files("#file", str(car))
             page.wait_for_selector("body[data-result='ok']", timeout=30000)
             shown = page.locator("#carbox")
@@ -697,5 +692,3 @@ def test_page_draws_the_box_and_the_zoomed_crop(serve_data: dict[str, Path], tmp
             shot = tmp_path / "box.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 5000 and errors == []
-        finally:
-            browser.close()

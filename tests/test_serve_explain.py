@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from carspotter.serve.app import create_app
-from test_serve import CHROMIUM, photo, running, serve_data, serve_run, upload  # noqa: F401 — fixtures
+from test_serve import CHROMIUM, chromium_page, photo, running, serve_data, serve_run, upload  # noqa: F401 — fixtures
 
 
 @pytest.fixture(scope="module")
@@ -95,47 +95,35 @@ def test_classify_answers_while_an_explanation_is_running(app_and_url, serve_dat
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not installed at {CHROMIUM}")
 def test_page_shows_overlay_toggle_and_grouped_evidence(app_and_url, serve_data: dict[str, Path]) -> None:  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
     _, url = app_and_url
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.wait_for_selector("body[data-ready='1']")
-            assert not page.locator("#overlay-label").is_visible()
-            page.set_input_files("#file", str(serve_data["data"] / "images" / "c3_001.jpg"))
-            page.wait_for_selector("body[data-result='ok']", timeout=30000)
-            page.wait_for_selector("body[data-explain='ok']", timeout=60000)
-            top1 = page.locator("#top5 .row").first.get_attribute("data-class-id")
-            second = page.locator("#top5 .row").nth(1).get_attribute("data-class-id")
-            toggle = page.locator("#overlay-toggle")
-            assert page.locator("#overlay-label").is_visible()
-            preview = page.locator("#preview")
-            assert preview.get_attribute("src").startswith("blob:")
-            toggle.check()
-            assert (
-                preview.get_attribute("src").startswith("data:image/png")
-                and preview.get_attribute("data-showing") == "overlay"
-            )
-            toggle.uncheck()
-            assert preview.get_attribute("src").startswith("blob:")
-            groups = page.locator("#evidence .evidence-group")
-            assert groups.count() == 2
-            assert groups.nth(0).get_attribute("data-role") == "top1"
-            assert groups.nth(0).get_attribute("data-class-id") == top1
-            assert groups.nth(1).get_attribute("data-role") == "runner-up"
-            assert groups.nth(1).get_attribute("data-class-id") == second
-            assert groups.nth(0).locator(".card").count() == 3 and groups.nth(1).locator(".card").count() == 1
-            imgs = page.locator("#evidence img")
-            deadline = time.time() + 20
-            while not imgs.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)"):
-                assert time.time() < deadline, "evidence thumbnails did not load"
-                time.sleep(0.05)
-            assert errors == []
-        finally:
-            browser.close()
+    with chromium_page(url) as (page, errors):
+        assert not page.locator("#overlay-label").is_visible()
+        page.set_input_files("#file", str(serve_data["data"] / "images" / "c3_001.jpg"))
+        page.wait_for_selector("body[data-result='ok']", timeout=30000)
+        page.wait_for_selector("body[data-explain='ok']", timeout=60000)
+        top1 = page.locator("#top5 .row").first.get_attribute("data-class-id")
+        second = page.locator("#top5 .row").nth(1).get_attribute("data-class-id")
+        toggle = page.locator("#overlay-toggle")
+        assert page.locator("#overlay-label").is_visible()
+        preview = page.locator("#preview")
+        assert preview.get_attribute("src").startswith("blob:")
+        toggle.check()
+        assert (
+            preview.get_attribute("src").startswith("data:image/png")
+            and preview.get_attribute("data-showing") == "overlay"
+        )
+        toggle.uncheck()
+        assert preview.get_attribute("src").startswith("blob:")
+        groups = page.locator("#evidence .evidence-group")
+        assert groups.count() == 2
+        assert groups.nth(0).get_attribute("data-role") == "top1"
+        assert groups.nth(0).get_attribute("data-class-id") == top1
+        assert groups.nth(1).get_attribute("data-role") == "runner-up"
+        assert groups.nth(1).get_attribute("data-class-id") == second
+        assert groups.nth(0).locator(".card").count() == 3 and groups.nth(1).locator(".card").count() == 1
+        imgs = page.locator("#evidence img")
+        deadline = time.time() + 20
+        while not imgs.evaluate_all("els => els.every(i => i.complete && i.naturalWidth > 0)"):
+            assert time.time() < deadline, "evidence thumbnails did not load"
+            time.sleep(0.05)
+        assert errors == []
