@@ -94,7 +94,8 @@ def evaluate_run(
         "split": split,
     }
     # a TTA other than the run's own gets its own file, beside the run's default result (never over it)
-    label = split if res.tta == read_model_info(run_dir).tta else f"{split}_tta-{res.tta}"
+    info = read_model_info(run_dir)
+    label = split if res.tta == info.tta else f"{split}_tta-{res.tta}"
     files: dict[str, Any] = {metrics_name(label, tag): None}
     if cfg.task == "metric":
         from carspotter.retrieval.metrics import retrieval_metrics
@@ -104,7 +105,7 @@ def evaluate_run(
         from carspotter.engine.trust import trust_metrics
 
         cal = load_calibration(run_dir)
-        names = read_model_info(run_dir).class_names
+        names = info.class_names
         if cal.known_labels is not None:  # classes the run has outputs for but never trained on: unknown
             untrained = ~np.isin(labels, cal.known_labels) & (labels >= 0)
             res.unknown_classes = sorted({*res.unknown_classes, *(names[i] for i in set(labels[untrained]))})
