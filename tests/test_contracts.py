@@ -211,3 +211,29 @@ def test_evaluate_knn_takes_k_and_metric_from_the_runs_preset(tmp_path: Path, ti
     m = json.loads((run / name).read_text())
     assert (m["k"], m["metric"], m["gallery_split"]) == (7, "cosine", cfg.retrieval.gallery_split)
     assert legacy_argv(["evaluate", "R", "--knn", "3"]) == ["evaluate", "R", "--knn", "--k", "3"]
+
+
+def test_evaluate_predict_and_serve_take_one_set_of_second_look_options() -> None:
+    """One declaration (cli.common) for the box/zoom flags: same names, same help, same settings built."""
+    import typer.main
+
+    from carspotter.cli import build_app
+    from carspotter.cli.common import box_settings, zoom_settings
+    from carspotter.explain.box import BoxSettings
+    from carspotter.explain.zoom import ZoomSettings
+
+    group = typer.main.get_command(build_app())
+    names = ("zoom", "zoom_combine", "zoom_margin", "box_threshold", "box_margin")
+    seen = {}
+    for cmd in ("evaluate", "predict", "serve"):
+        params = {p.name: p for p in group.commands[cmd].params}  # type: ignore[attr-defined]
+        seen[cmd] = [(tuple(params[n].opts), params[n].help) for n in names]
+    assert seen["evaluate"] == seen["predict"] == seen["serve"]
+    assert zoom_settings(False, "mean", 0.3) is None
+    assert zoom_settings(True, "mean", None) == ZoomSettings("mean")
+    assert zoom_settings(True, "zoom", 0.3) == ZoomSettings("zoom", margin=0.3)
+    assert box_settings(None, 0.2) == BoxSettings(margin=0.2)
+    with pytest.raises(ValueError, match="zoom combine"):
+        zoom_settings(True, "max", None)
+    with pytest.raises(ValueError, match="box threshold"):
+        box_settings(1.5, None)

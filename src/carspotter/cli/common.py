@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: library errors as one clear line and a non-zero exit; config flags from one table."""
+"""Shared CLI plumbing: library errors as one clear line and a non-zero exit; config flags from one table;
+the second-look (CAM box / zoom) options that evaluate, predict and serve all take."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from carspotter.explain.box import BoxSettings
+    from carspotter.explain.zoom import ZoomSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -122,3 +127,35 @@ def _alias_option(name: str, dotted: str) -> inspect.Parameter:
     return inspect.Parameter(
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=tp | None
     )
+
+
+# The second-look options, declared once for `evaluate`, `predict` and `serve` (`zoom: ZoomFlag = False`).
+ZoomFlag = Annotated[
+    bool,
+    typer.Option("--zoom/--no-zoom", help="Second look, zoomed on the CAM box (the two answers combined)."),
+]
+ZoomCombine = Annotated[str, typer.Option("--zoom-combine", help="mean | zoom | gate (explain/zoom.py).")]
+ZoomMargin = Annotated[
+    float | None, typer.Option("--zoom-margin", help="Context around the box for the crop.")
+]
+BoxThreshold = Annotated[float | None, typer.Option("--box-threshold", help="CAM box threshold (0..1).")]
+BoxMargin = Annotated[float | None, typer.Option("--box-margin", help="CAM box margin per side (0..1).")]
+
+
+def zoom_settings(zoom: bool, combine: str, margin: float | None) -> ZoomSettings | None:
+    """The flags as ZoomSettings (its defaults where a flag is unset; None = one look), checked there."""
+    from carspotter.explain.zoom import ZoomSettings
+
+    if not zoom:
+        return None
+    return ZoomSettings(combine) if margin is None else ZoomSettings(combine, margin=margin)
+
+
+def box_settings(threshold: float | None, margin: float | None) -> BoxSettings:
+    """The flags as BoxSettings, keeping its measured defaults for the ones not given."""
+    from dataclasses import replace
+
+    from carspotter.explain.box import BoxSettings
+
+    given = {"threshold": threshold, "margin": margin}
+    return replace(BoxSettings(), **{k: v for k, v in given.items() if v is not None})

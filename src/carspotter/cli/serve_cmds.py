@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from carspotter.cli.common import friendly_errors
+from carspotter.cli.common import (
+    BoxMargin,
+    BoxThreshold,
+    ZoomCombine,
+    ZoomFlag,
+    ZoomMargin,
+    box_settings,
+    friendly_errors,
+    zoom_settings,
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -41,10 +50,11 @@ def serve(
         help="torch threads for the model (0 = torch's default; see docs/RELIABILITY.md).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
-    zoom: bool = typer.Option(
-        False, "--zoom/--no-zoom", help="Classify a second time, zoomed on the CAM box; answers combined."
-    ),
-    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
+    zoom: ZoomFlag = False,
+    zoom_combine: ZoomCombine = "gate",
+    zoom_margin: ZoomMargin = None,
+    box_threshold: BoxThreshold = None,
+    box_margin: BoxMargin = None,
     allow_host: list[str] = typer.Option(
         [],
         "--allow-host",
@@ -59,7 +69,6 @@ def serve(
     import torch
     import uvicorn
 
-    from carspotter.explain.zoom import ZoomSettings
     from carspotter.serve.app import create_app
     from carspotter.serve.hosts import allowed_hosts_for
     from carspotter.utils import resolve_device
@@ -83,7 +92,8 @@ def serve(
         max_upload_mb=max_upload_mb,
         device=resolve_device(device),
         max_batch=max_batch,
-        zoom=ZoomSettings(zoom_combine) if zoom else None,
+        zoom=zoom_settings(zoom, zoom_combine, zoom_margin),
+        box=box_settings(box_threshold, box_margin),
         allowed_hosts=allowed_hosts_for(host, allow_host),
         admin_token_file=admin_token_file,
         tta=tta,

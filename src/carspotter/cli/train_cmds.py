@@ -10,7 +10,17 @@ from typing import Any
 
 import typer
 
-from carspotter.cli.common import config_options, friendly_errors
+from carspotter.cli.common import (
+    BoxMargin,
+    BoxThreshold,
+    ZoomCombine,
+    ZoomFlag,
+    ZoomMargin,
+    box_settings,
+    config_options,
+    friendly_errors,
+    zoom_settings,
+)
 
 
 def _table(title: str, rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> None:
@@ -125,17 +135,11 @@ def evaluate(
     ),
     device: str = typer.Option("auto", "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
-    zoom: bool = typer.Option(
-        False,
-        "--zoom/--no-zoom",
-        help="Second look at the CAM box (metrics_zoom.json, paired with one look).",
-    ),
-    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
-    zoom_margin: float | None = typer.Option(
-        None, "--zoom-margin", help="Context around the box for the crop."
-    ),
-    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
-    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
+    zoom: ZoomFlag = False,
+    zoom_combine: ZoomCombine = "gate",
+    zoom_margin: ZoomMargin = None,
+    box_threshold: BoxThreshold = None,
+    box_margin: BoxMargin = None,
     tta: str | None = typer.Option(
         None, "--tta", help="none | flip (default: the run's eval.tta; with --knn: flip-averaged embeddings)."
     ),
@@ -193,8 +197,8 @@ def evaluate(
             split,
             device,
             batch_size or 32,
-            _zoom(zoom_combine, zoom_margin),
-            _box(box_threshold, box_margin),
+            zoom_settings(True, zoom_combine, zoom_margin),
+            box_settings(box_threshold, box_margin),
         )
         title = f"{path} on {split}, with a second look at the CAM box ({zoom_combine})"
     else:
@@ -205,21 +209,6 @@ def evaluate(
     written = result.save()
     _table(title, [(k, v) for k, v in result.items() if not isinstance(v, dict | list)], ("metric", "value"))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
-
-
-def _zoom(combine: str, margin: float | None):  # -> ZoomSettings
-    from carspotter.explain.zoom import ZoomSettings
-
-    return ZoomSettings(combine) if margin is None else ZoomSettings(combine, margin=margin)
-
-
-def _box(threshold: float | None, margin: float | None):  # -> BoxSettings
-    from dataclasses import replace
-
-    from carspotter.explain.box import BoxSettings
-
-    given = {"threshold": threshold, "margin": margin}
-    return replace(BoxSettings(), **{k: v for k, v in given.items() if v is not None})
 
 
 def presets() -> None:

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from carspotter.cli.common import friendly_errors
+from carspotter.cli.common import (
+    BoxMargin,
+    BoxThreshold,
+    ZoomCombine,
+    ZoomFlag,
+    ZoomMargin,
+    box_settings,
+    friendly_errors,
+    zoom_settings,
+)
 
 
 def predict(
@@ -20,15 +29,11 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     tta: str | None = typer.Option(None, "--tta", help="none | flip (default: the run's eval.tta)."),
-    zoom: bool = typer.Option(
-        False, "--zoom/--no-zoom", help="Second look at the CAM box, answers combined."
-    ),
-    zoom_combine: str = typer.Option("gate", "--zoom-combine", help="mean | zoom | gate (explain/zoom.py)."),
-    zoom_margin: float | None = typer.Option(
-        None, "--zoom-margin", help="Context around the box for the crop."
-    ),
-    box_threshold: float | None = typer.Option(None, "--box-threshold", help="CAM box threshold (0..1)."),
-    box_margin: float | None = typer.Option(None, "--box-margin", help="CAM box margin per side (0..1)."),
+    zoom: ZoomFlag = False,
+    zoom_combine: ZoomCombine = "gate",
+    zoom_margin: ZoomMargin = None,
+    box_threshold: BoxThreshold = None,
+    box_margin: BoxMargin = None,
     index: Path | None = typer.Option(
         None,
         "--index",
@@ -70,15 +75,14 @@ def predict(
         total=len(files), unit="img", desc="photos", leave=False, disable=not progress or len(files) < 2
     )
     try:
-        from carspotter.cli.train_cmds import _box, _zoom
         from carspotter.rundir import read_model_info
 
         info = read_model_info(run_dir)
         tta_used = normalize_tta(info.tta if tta is None else tta, where="--tta")
         looker = partial(
             Looker,
-            box=_box(box_threshold, box_margin),
-            zoom=_zoom(zoom_combine, zoom_margin) if zoom else None,
+            box=box_settings(box_threshold, box_margin),
+            zoom=zoom_settings(zoom, zoom_combine, zoom_margin),
             device=device,
             autocast=autocast_dtype(info.amp, device),
             tta=tta_used,

@@ -26,6 +26,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from carspotter.explain.box import BoxSettings
 from carspotter.explain.zoom import ZoomSettings
 from carspotter.serve.explain import ExplainService
 from carspotter.serve.hosts import DEFAULT_HOSTS, HostAllowListMiddleware
@@ -273,6 +274,7 @@ def create_app(
     max_batch: int = 8,
     max_pixels: int = 40_000_000,
     zoom: ZoomSettings | None = None,
+    box: BoxSettings | None = None,
     allowed_hosts: list[str] | None = None,
     admin_token_file: str | Path | None = None,
     tta: str | None = None,
@@ -289,7 +291,7 @@ def create_app(
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
-    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, zoom=zoom, tta=tta)
+    predictor = Predictor(run_dir, index_dir, device=device, max_batch=max_batch, zoom=zoom, box=box, tta=tta)
     Image.init()  # load Pillow's format plugins now, not during the first (non-image) upload: ~1 s here
 
     @asynccontextmanager
