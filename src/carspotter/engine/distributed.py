@@ -72,11 +72,9 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's value on every rank (e.g. a failure message, so all ranks stop together)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    from carspotter.retrieval.sharded import broadcast  # the one implementation (retrieval sits below engine)
+
+    return broadcast(obj, info)
 
 
 def gather_by_index(parts: dict[str, np.ndarray], info: DistInfo) -> dict[str, np.ndarray]:
