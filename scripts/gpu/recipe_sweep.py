@@ -42,6 +42,7 @@ PROG = ["--img-size", "160", "--set", "data.progressive={0: 112, 4: 128, 8: 144}
 PROG_SIZES = [112] * 4 + [128] * 4 + [144] * 2
 MIX = ["--set", "train.mixup_alpha=0.2", "--set", "train.cutmix_alpha=1.0", "--set", "train.mix_prob=0.5"]
 SCRATCH = ["--img-size", "64", "--epochs", "40"]
+CNN40 = ["--set", "schedule.warmup_epochs=1", "--set", "train.ema_decay=0.99"]
 TTA = ["--tta", "flip"]
 ZOOM = ["--zoom"]
 
@@ -86,7 +87,8 @@ RECIPES: dict[str, Recipe] = {
     "s1": Recipe("seed-s1-cnn-basic", 64, SCRATCH, epochs=40, lite0=False),
     "s2": Recipe("seed-s2-cnn-bn-dropout", 64, SCRATCH, epochs=40, lite0=False),
     "s3": Recipe("seed-s3-cnn-aug", 64, SCRATCH, epochs=40, lite0=False),
-    "strong-cnn": Recipe("strong-cnn-scratch", 64, SCRATCH, epochs=40, lite0=False),
+    # as scripts/results/strong-cnn.sh: warm-up and EMA scaled from the preset's 150 epochs to 40
+    "strong-cnn": Recipe("strong-cnn-scratch", 64, SCRATCH + CNN40, epochs=40, lite0=False),
     "openset-t1@224": Recipe("seed-t1-resnet50-frozen", 224, data="retrieval", seeds=1),
     "openset-strong+rrc": Recipe(STRONG, extra=RRC, data="retrieval", seeds=1),
 }

@@ -50,7 +50,7 @@ SCRATCH = [
     ("S1", "seed-s1", "metrics.json", "IMG=64 s1.sh", 8.9),
     ("S2", "seed-s2", "metrics.json", "IMG=64 s2.sh", 8.2),
     ("S3", "seed-s3", "metrics.json", "IMG=64 s3.sh", 72.3),
-    ("strong", "strong-cnn", "metrics.json", "IMG=64 EPOCHS=20 strong-cnn.sh", None),
+    ("strong", "strong-cnn", "metrics.json", "IMG=64 strong-cnn.sh", None),
 ]
 RETRIEVAL = [
     ("frozen", "retrieval-frozen-lite0", "retrieval-frozen.sh"),
