@@ -284,7 +284,8 @@ def evaluate_zoom(
     the one-look result files are kept. One pass gives both looks of every photo: the gain is a paired
     comparison on the same run, and the one-look figures equal `evaluate`'s (same transform, same weights).
     """
-    from carspotter.engine.evaluate import _predictions_csv, autocast_dtype
+    from carspotter.engine.evaluate import _predictions_csv
+    from carspotter.models.inference import autocast_dtype
     from carspotter.retrieval.metrics import classification_metrics
     from carspotter.rundir import (
         EvalResult,
@@ -304,8 +305,8 @@ def evaluate_zoom(
     if n == 0:
         raise RunError(f"{data_dir}: split {split!r} has no images")
     zoom = zoom or ZoomSettings()
-    amp = cfg.train.amp if cfg is not None else False
-    looker = Looker(model, info, box, zoom, dev, autocast_dtype(amp, dev))
+    # the run's recorded precision (model.json), as evaluate, predict and serve run it
+    looker = Looker(model, info, box, zoom, dev, autocast_dtype(info.amp, dev))
     firsts, finals, seconds, boxes, zoomed = [], [], [], [], []
     t_first = t_second = 0.0
     for s in range(0, n, batch_size):
