@@ -81,13 +81,11 @@ class PhotoExplainer:
         self.embed_model: torch.nn.Module | None = None
         if index is not None:
             check_same_classes(index, self.class_names)
-            src = index.info.get("run_dir")
-            same = bool(src and run_dir) and Path(src).resolve() == Path(run_dir).resolve()  # type: ignore[arg-type]
-            if same:
+            from carspotter.retrieval.query import built_from_run, embedder_for_index
+
+            if built_from_run(index, run_dir):
                 self.embed_model = self.explainer.model  # used under the explainer's lock only
             else:
-                from carspotter.retrieval.query import embedder_for_index
-
                 self.embed_model = copy.deepcopy(embedder_for_index(index, device)).eval()
 
     @classmethod

@@ -83,12 +83,10 @@ def gallery_for_run(
     """(OpenClassifier over the run's ∪ the gallery's classes, photos → query vectors like the gallery's).
 
     A gallery built from this very run embeds with the loaded `model`; any other with its own embedder."""
-    from carspotter.retrieval.query import embed_queries, embedder_for_index
+    from carspotter.retrieval.query import built_from_run, embed_queries, embedder_for_index
 
     index = GalleryIndex.load(index_dir)
-    src = index.info.get("run_dir")
-    same = bool(src) and Path(src).resolve() == Path(run_dir).resolve()
-    emb_model = model if same else embedder_for_index(index, device)
+    emb_model = model if built_from_run(index, run_dir) else embedder_for_index(index, device)
     oc = OpenClassifier(
         index,
         info.class_names if info.num_classes > 0 else None,

@@ -17,6 +17,13 @@ from carspotter.retrieval.index import GalleryIndex, GalleryIndexError
 from carspotter.rundir import EMBEDDER, MODEL_JSON
 
 
+def built_from_run(index: GalleryIndex, run_dir: str | Path | None) -> bool:
+    """True when the index was built from this very run: the run's loaded model embeds its queries (no
+    second copy of the network)."""
+    src = index.info.get("run_dir")
+    return bool(src and run_dir) and Path(src).resolve() == Path(run_dir).resolve()  # type: ignore[arg-type]
+
+
 def embedder_for_index(index: GalleryIndex, device: str = "cpu") -> CarModel:
     """The run's best weights, or the bare backbone recorded in index.json: built with pretrained=False and
     loaded from its local weights file or the state dict saved beside the index (`embedder.safetensors`)."""

@@ -171,11 +171,10 @@ class Predictor:
     # ---- set-up -------------------------------------------------------------------------------------------
     def _embedding_model(self) -> CarModel:
         """The network the index was built with: this very run (shared), another run, or a bare backbone."""
-        from carspotter.retrieval.query import embedder_for_index
+        from carspotter.retrieval.query import built_from_run, embedder_for_index
 
         assert self.index is not None
-        src = self.index.info.get("run_dir")
-        same_run = bool(src) and Path(src).resolve() == self.run_dir.resolve()
+        same_run = built_from_run(self.index, self.run_dir)
         model = self.model if same_run else embedder_for_index(self.index, self.device)
         dim, got = (
             int(self.index.info.get("dim") or 0),
