@@ -151,8 +151,7 @@ def main() -> int:
     res["variants"] = rows
 
     # the best grid setting against the classifier, paired on the same photos, at matched TTA
-    from scipy.stats import binomtest
-
+    from carspotter.explain.zoom import mcnemar, paired_bootstrap
     from carspotter.retrieval.search import knn_classify
 
     paired = {}
@@ -160,16 +159,14 @@ def main() -> int:
         clf = cal.mask(torch.from_numpy(e[f"test_logits_{tta}"])).argmax(1).numpy() == yq
         g, yg = gallery("train+val", "features", tta)
         kn = knn_classify(g, yg, e[f"test_features_{tta}"], 10, "cosine", "distance", c)[0] == yq
-        b, n = int((clf & ~kn).sum()), int((~clf & kn).sum())
-        idx = np.random.default_rng(0).integers(0, len(yq), (2000, len(yq)))
-        diff = 100 * (kn[idx].mean(1) - clf[idx].mean(1))
+        m, (lo, hi) = mcnemar(clf, kn), paired_bootstrap(clf, kn)  # kNN − classifier, same photos
         paired[tta] = {
             "classifier": float(clf.mean()),
             "knn_k10_cosine_distance_trainval": float(kn.mean()),
-            "classifier_only": b,
-            "knn_only": n,
-            "mcnemar_p": float(binomtest(min(b, n), b + n, 0.5).pvalue),
-            "diff_ci95_pt": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+            "classifier_only": m["only_first_right"],
+            "knn_only": m["only_zoom_right"],
+            "mcnemar_p": m["mcnemar_p"],
+            "diff_ci95_pt": [100 * lo, 100 * hi],
         }
         print(f"paired, tta {tta}: {paired[tta]}", flush=True)
     res["paired"] = paired
