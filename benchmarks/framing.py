@@ -39,7 +39,13 @@ from benchutil import machine_line
 
 from carspotter.data.dataset import PreparedDataset
 from carspotter.explain.box import Box, box_area
-from carspotter.explain.zoom import Looker, ZoomSettings, load_for_split, paired_bootstrap
+from carspotter.explain.zoom import (
+    Looker,
+    ZoomSettings,
+    combine_alternatives,
+    load_for_split,
+    paired_bootstrap,
+)
 
 FOCUS = ("original", "tight 60 % centre", "tight 60 % on box", "wide 50 % pad", "wide 50 % blur")
 GOAL = 0.9  # accuracy at a 60 % crop / 50 % wide frame with --zoom, as a share of the original framing's
@@ -152,16 +158,10 @@ def run_benchmark(
             boxes = np.concatenate(bx)
         ok1 = (torch.cat(first).argmax(1) == labels).numpy()
         okz = (torch.cat(final).argmax(1) == labels).numpy()
-        others = {}
-        if zs.combine != "gate":  # every photo had both looks: the other ways to combine them, for free
-            f, z, area = torch.cat(first), torch.cat(second), box_area(np.concatenate(bx))
-            gate = torch.as_tensor(area < zs.gate_area)[:, None]
-            for k, lg in (
-                ("zoom_only", z),
-                ("mean", (f + z) / 2),
-                ("gate", torch.where(gate, (f + z) / 2, f)),
-            ):
-                others[k] = float((lg.argmax(1) == labels).float().mean())
+        # every photo had both looks (unless gate): the other ways to combine them, for free
+        others = combine_alternatives(
+            labels.numpy(), torch.cat(first), torch.cat(second), np.concatenate(bx), zs
+        )
         rows.append(
             {
                 "framing": name,
@@ -169,7 +169,7 @@ def run_benchmark(
                 "zoom": float(okz.mean()),
                 "zoom_gain_ci95": list(paired_bootstrap(ok1, okz)),
                 "mean_box_area": float(box_area(np.concatenate(bx)).mean()),
-                "combine_alternatives": others or None,
+                "combine_alternatives": others,
                 "time_first_s": secs[0],
                 "time_second_s": secs[1],
             }

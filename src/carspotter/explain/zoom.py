@@ -326,7 +326,9 @@ def evaluate_zoom(
     metrics: dict[str, Any] = {
         **classification_metrics(labels, probs.argmax(1), probs, loss),
         **zoom_comparison(labels, first, final),
-        "combine_alternatives": _alternatives(labels, first, torch.cat(seconds), np.concatenate(boxes), zoom),
+        "combine_alternatives": combine_alternatives(
+            labels, first, torch.cat(seconds), np.concatenate(boxes), zoom
+        ),
         "zoom": asdict(zoom),
         "box": asdict(looker.box),
         "cam_method": looks.method,
@@ -346,7 +348,7 @@ def evaluate_zoom(
     return EvalResult(metrics, run_dir, files)
 
 
-def _alternatives(
+def combine_alternatives(
     labels: np.ndarray, first: torch.Tensor, second: torch.Tensor, boxes: np.ndarray, zoom: ZoomSettings
 ) -> dict[str, float] | None:
     """Accuracy of every way to combine the same two looks (so one pass chooses the default)."""
