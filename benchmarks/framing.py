@@ -154,21 +154,20 @@ def run_benchmark(
             bx.append(looks.boxes)
             secs[0] += looks.seconds["first"]
             secs[1] += looks.seconds["second"]
+        first_logits, frame_boxes = torch.cat(first), np.concatenate(bx)
         if name == "original":
-            boxes = np.concatenate(bx)
-        ok1 = (torch.cat(first).argmax(1) == labels).numpy()
+            boxes = frame_boxes
+        ok1 = (first_logits.argmax(1) == labels).numpy()
         okz = (torch.cat(final).argmax(1) == labels).numpy()
         # every photo had both looks (unless gate): the other ways to combine them, for free
-        others = combine_alternatives(
-            labels.numpy(), torch.cat(first), torch.cat(second), np.concatenate(bx), zs
-        )
+        others = combine_alternatives(labels.numpy(), first_logits, torch.cat(second), frame_boxes, zs)
         rows.append(
             {
                 "framing": name,
                 "one_look": float(ok1.mean()),
                 "zoom": float(okz.mean()),
                 "zoom_gain_ci95": list(paired_bootstrap(ok1, okz)),
-                "mean_box_area": float(box_area(np.concatenate(bx)).mean()),
+                "mean_box_area": float(box_area(frame_boxes).mean()),
                 "combine_alternatives": others,
                 "time_first_s": secs[0],
                 "time_second_s": secs[1],
